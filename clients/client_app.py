@@ -1,0 +1,111 @@
+"""fedge's ClientApp (Flower Message API).
+
+Three message handlers:
+- `query` (check-in): which device class / task / data this node is, and how many examples;
+- `train`: load the task's global shared state, train locally, reply with the *delta* and
+  metrics (num-examples, loss, train seconds, upload bytes). A TV's private part lives in the
+  node's `context.state` and never leaves the device;
+- `evaluate`: summed held-out results for the node's task.
+
+Module imports stay light (no torch at import): a SuperNode may start a fresh process per
+message, and importing torch/peft there is paid per message. Heavy objects (backbones, data)
+are cached per process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+PRIVATE_KEY = "fedge.private"  # context.state key of a device's private part (never sent)
+
+app = ClientApp()
+log = logging.getLogger("fedge.client")
+
+
+def _setup(context: Context):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    from federation.config import RunConfig
+    from federation.fleet import device_from_node_config
+
+    run = RunConfig.parse(context.run_config)
+    torch.set_num_threads(run.client_threads)
+    device = device_from_node_config(context.node_config, run.scenario, run.seed, run.cache_dir)
+    return run, device
+
+
+def _data(run, device):
+    from federation.fleet import load_device_data
+
+    return load_device_data(device, run.seed, run.seq_len, run.cache_dir)
+
+
+def _stored_private(context: Context):
+    record = context.state.get(PRIVATE_KEY)
+    if isinstance(record, ArrayRecord) and "user" in record:
+        return record["user"].numpy()
+    return None
+
+
+@app.query()
+def checkin(msg: Message, context: Context) -> Message:
+    """Tell the server who this device is (no data leaves: only class, task and sizes)."""
+    from federation.fleet import num_train_examples
+
+    run, device = _setup(context)
+    data = _data(run, device)
+    info = ConfigRecord(
+        {"device-class": device.device_class, "task": device.task, "data-client": device.data_client}
+    )
+    metrics = MetricRecord({"num-train-examples": num_train_examples(device, data)})
+    return Message(RecordDict({"device": info, "metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    import numpy as np
+
+    from federation.local import local_train
+
+    run, device = _setup(context)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    if config.get("task") != device.task:
+        raise ValueError(f"server sent task {config.get('task')!r} to a {device.task} device")
+    shared = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    result = local_train(run, device, _data(run, device), shared, server_round, _stored_private(context))
+    if result.private is not None:
+        context.state[PRIVATE_KEY] = ArrayRecord({"user": _array(result.private)})
+    arrays = ArrayRecord({k: _array(v.astype(np.float32)) for k, v in result.delta.items()})
+    metrics = dict(result.metrics)
+    metrics["server-round"] = server_round
+    metrics["upload-bytes"] = arrays.count_bytes()
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from federation.local import local_evaluate
+
+    run, device = _setup(context)
+    config = msg.content["config"]
+    if config.get("task") != device.task:
+        raise ValueError(f"server sent task {config.get('task')!r} to a {device.task} device")
+    shared = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    sums = local_evaluate(run, device, _data(run, device), shared, _stored_private(context))
+    metrics = MetricRecord(
+        {**sums, "num-examples": int(sums["count"]), "server-round": int(config["server-round"])}
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _array(value):
+    from flwr.app import Array
+
+    return Array(value)

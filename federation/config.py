@@ -1,0 +1,91 @@
+"""The run configuration: every key of `[tool.flwr.app.config]`, parsed and validated once.
+
+A malformed value fails at start with one line naming the key and what it should be, rather
+than deep inside round 7.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from federation.errors import FedgeError
+from federation.model.lora import LoraSettings
+from federation.scenarios import Scenario, get_scenario
+from federation.training import TrainSettings
+
+
+def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any, check: str = "") -> Any:
+    value = cfg.get(key, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise FedgeError(
+            f"run config {key}={value!r} must be a {kind.__name__}: "
+            f"fix it in [tool.flwr.app.config] or with -c '{key}=...'"
+        )
+    if check == "positive" and not value > 0:
+        raise FedgeError(f"run config {key}={value!r} must be > 0")
+    if check == "nonneg" and value < 0:
+        raise FedgeError(f"run config {key}={value!r} must be >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    scenario: Scenario
+    rounds: int
+    seed: int
+    lora: LoraSettings
+    train: TrainSettings
+    tv_user_dim: int
+    seq_len: int
+    out_dir: str
+    cache_dir: str
+    round_timeout: float
+    client_threads: int
+    federated_eval_every: int
+    initial_checkpoint: str
+
+    @classmethod
+    def parse(cls, cfg: Mapping[str, Any]) -> RunConfig:
+        scenario = get_scenario(_get(cfg, "scenario", str, "smart-home"))
+        rounds = _get(cfg, "num-rounds", int, 0, "nonneg") or scenario.rounds
+        steps = _get(cfg, "local-steps", int, 0, "nonneg") or scenario.local_steps
+        targets = tuple(
+            t.strip() for t in _get(cfg, "lora-targets", str, "query,value").split(",") if t.strip()
+        )
+        try:
+            lora = LoraSettings(
+                rank=_get(cfg, "lora-rank", int, 8, "positive"),
+                alpha=_get(cfg, "lora-alpha", int, 16, "positive"),
+                targets=targets,
+            )
+            train = TrainSettings(
+                steps=steps,
+                batch_size=_get(cfg, "batch-size", int, 16, "positive"),
+                lr=_get(cfg, "lr", float, 3e-3, "positive"),
+                head_lr=_get(cfg, "head-lr", float, 3e-3, "positive"),
+                private_lr=_get(cfg, "private-lr", float, 5e-2, "positive"),
+            )
+        except ValueError as exc:
+            raise FedgeError(f"run config: {exc}") from None
+        known_targets = {"query", "key", "value", "dense"}
+        if not set(targets) <= known_targets:
+            raise FedgeError(f"run config lora-targets={targets} must be among {sorted(known_targets)}")
+        return cls(
+            scenario=scenario,
+            rounds=rounds,
+            seed=_get(cfg, "seed", int, 0, "nonneg"),
+            lora=lora,
+            train=train,
+            tv_user_dim=_get(cfg, "tv-user-dim", int, 16, "positive"),
+            seq_len=_get(cfg, "seq-len", int, 32, "positive"),
+            out_dir=_get(cfg, "out-dir", str, ""),
+            cache_dir=_get(cfg, "cache-dir", str, ""),
+            round_timeout=_get(cfg, "round-timeout", float, 600.0, "positive"),
+            client_threads=_get(cfg, "client-threads", int, 1, "positive"),
+            federated_eval_every=_get(cfg, "federated-eval-every", int, 4, "nonneg"),
+            initial_checkpoint=_get(cfg, "initial-checkpoint", str, ""),
+        )

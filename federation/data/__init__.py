@@ -1,0 +1,1 @@
+"""The three real datasets of the fleet, with natural client splits (see DESIGN.md)."""

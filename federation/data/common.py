@@ -1,0 +1,61 @@
+"""Helpers shared by the dataset modules: the on-disk cache and seeded splits."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from federation.errors import MissingPackageError
+
+
+def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
+    """Where preprocessed data lives: `override`, else $FEDGE_CACHE, else ~/.cache/fedge."""
+    raw = override or os.environ.get("FEDGE_CACHE") or Path.home() / ".cache" / "fedge"
+    path = Path(raw).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def package_dir(module: str, what: str, install: str) -> Path:
+    """The folder of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise MissingPackageError(what, install)
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    assert spec.origin is not None
+    return Path(spec.origin).parent
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temp file then rename: concurrent processes never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed derived from the parts (stable across processes, unlike hash())."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic shuffle-split of range(n) into (train, test); test gets >= 1 when n >= 2."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = round(n * test_fraction)
+    n_test = min(max(n_test, 1), n - 1) if n >= 2 else 0
+    return np.sort(order[n_test:]), np.sort(order[:n_test])

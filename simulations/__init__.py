@@ -1,0 +1,1 @@
+"""Named scenarios, the `fedge` command line, experiment runners and benchmarks."""

@@ -1,0 +1,177 @@
+"""`fedge`: run scenarios, benchmarks and maintenance tasks from the command line."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from federation.errors import FedgeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="fedge: cross-device federated LoRA on Flower",
+)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (never timed tests).")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+ROUND_LINE = re.compile(r"fedge round (\d+)/(\d+) done in ([\d.]+)s: (.*)")
+
+
+def _parse_sets(sets: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in sets:
+        if "=" not in item:
+            raise FedgeError(f"--set {item!r}: use KEY=VALUE, e.g. --set lora-rank=4")
+        key, raw = item.split("=", 1)
+        value: object = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                continue
+        out[key.strip()] = value
+    return out
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"fedge {summary['scenario']}: held-out results after {summary['rounds']} rounds")
+    for col in ("task", "metric", "initial", "final", "best baseline"):
+        table.add_column(col)
+    for task, t in summary["tasks"].items():
+        metric = t["metric"]
+        base = [
+            (name, vals.get(metric))
+            for name, vals in t.get("baselines", {}).items()
+            if vals.get(metric) is not None
+        ]
+        best = max(base, key=lambda b: b[1]) if base else None
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        table.add_row(
+            task, metric, fmt(t["initial"]), fmt(t["final"]), f"{best[0]} {best[1]:.4f}" if best else "-"
+        )
+    console.print(table)
+
+
+def simulate_scenario(
+    scenario: str,
+    rounds: int | None,
+    seed: int,
+    out: Path | None,
+    sets: dict[str, object],
+    quiet: bool = False,
+) -> Path:
+    from federation.scenarios import get_scenario
+    from simulations.runner import run_flwr
+
+    spec = get_scenario(scenario)
+    out = (out or Path("results") / scenario / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
+    if rounds:
+        config["num-rounds"] = rounds
+    from federation.config import RunConfig
+
+    total = RunConfig.parse(config).rounds  # validates the config before anything starts
+    errors: list[str] = []
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        disable=quiet,
+    ) as progress:
+        bar = progress.add_task(f"{scenario}", total=total, status="starting Flower simulation")
+
+        def on_line(line: str) -> None:
+            match = ROUND_LINE.search(line)
+            if match:
+                progress.update(bar, completed=int(match.group(1)), status=match.group(4)[:70])
+            elif "fedge:" in line and ("ERROR" in line or "error" in line.lower()):
+                errors.append(line)
+            elif "checked in" in line:
+                progress.update(bar, status="devices checked in; round 0 evaluation")
+
+        code = run_flwr(config, spec.size, on_line=on_line, log_path=out / "flwr.log")
+    summary_path = out / "summary.json"
+    if code != 0 or not summary_path.exists():
+        detail = errors[-1] if errors else f"see {out / 'flwr.log'}"
+        raise FedgeError(f"simulation failed (exit {code}): {detail}")
+    if not quiet:
+        print_summary(json.loads(summary_path.read_text()))
+        console.print(f"results in {out}")
+    return out
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[str, typer.Option(help="named scenario (fedge scenarios)")] = "smart-home",
+    rounds: Annotated[int | None, typer.Option(help="rounds (default: the scenario's)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for data splits, sampling and model init")] = 0,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default results/<scenario>/<timestamp>)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a run-config key: KEY=VALUE")
+    ] = None,
+) -> None:
+    """Run a scenario in Flower's simulation engine; leave metrics, summary, adapter and plots."""
+    simulate_scenario(scenario, rounds, seed, out, _parse_sets(set_ or []))
+
+
+@app.command()
+def scenarios() -> None:
+    """List the named scenarios."""
+    from federation.scenarios import SCENARIOS
+
+    table = Table(title="scenarios")
+    for col in ("name", "devices", "per round", "rounds", "description"):
+        table.add_column(col)
+    for s in SCENARIOS.values():
+        table.add_row(s.name, str(s.fleet), str(s.per_round), str(s.rounds), s.description)
+    console.print(table)
+
+
+@app.command("pretrain-imu")
+def pretrain_imu(seed: int = 0, epochs: int = 30) -> None:
+    """Rebuild the shipped IMU encoder from the vendor-lab subjects."""
+    from federation.model.imu import ENCODER_FILE, pretrain_imu_encoder
+
+    report = pretrain_imu_encoder(seed=seed, epochs=epochs)
+    console.print(f"wrote {ENCODER_FILE}: {report}")
+
+
+@bench_app.command("overhead")
+def bench_overhead(
+    clients: Annotated[int, typer.Option(help="clients per round")] = 10,
+    seed: int = 0,
+) -> None:
+    """Local training of N clients directly in one process vs. one Flower simulation round."""
+    from simulations.bench import overhead
+
+    overhead(clients, seed, console)
+
+
+def main() -> None:
+    try:
+        app()
+    except FedgeError as exc:
+        console.print(f"[red]fedge: {exc}[/red]")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Run a scenario through Flower's own simulation engine (`flwr run`), safely, and clean up.
+
+What this adds around `flwr run . --stream` (DESIGN.md, "Flower 1.42 facts"):
+- a private FLWR_HOME (temp dir) and a private HOME holding `ray_bootstrap_config.yaml`, so that
+  Ray's dashboard does not probe cloud metadata; `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` keeps
+  every Ray socket on 127.0.0.1; telemetry, update checks and runtime `uv sync` off;
+- every process the run starts (the detached local SuperLink, SuperExec, flwr-simulation, Ray)
+  carries a token in its environment, and is stopped by PID when the run ends or fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import psutil
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the folder holding pyproject.toml
+TOKEN_VAR = "FEDGE_SIM_TOKEN"
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def run_config_arg(config: Mapping[str, object]) -> str:
+    """`flwr run --run-config` syntax: space-separated key=TOML-value pairs."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+
+
+def simulation_env(workdir: Path, token: str) -> dict[str, str]:
+    """The environment for `flwr run` and everything it starts."""
+    from federation.data.common import cache_dir
+
+    env = dict(os.environ)
+    real_cache = str(cache_dir())  # resolve before HOME changes
+    home = workdir / "home"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "ray_bootstrap_config.yaml").write_text("{}\n")
+    env.update(
+        {
+            "FLWR_HOME": str(workdir / "flwr"),
+            "HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "FEDGE_CACHE": real_cache,
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+            TOKEN_VAR: token,
+        }
+    )
+    return env
+
+
+def processes_with_token(token: str) -> list[psutil.Process]:
+    """Every live process whose environment carries this run's token (not ourselves)."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(TOKEN_VAR) == token:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            continue
+    return found
+
+
+def stop_processes(token: str, grace_s: float = 5.0) -> int:
+    """SIGTERM then SIGKILL every process of the run; returns how many were stopped."""
+    procs = processes_with_token(token)
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace_s)
+    # Ray workers can be (re)spawned while we stop their parents: sweep once more.
+    late = processes_with_token(token)
+    for proc in late:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    return len(procs) + len(late)
+
+
+def run_flwr(
+    run_config: Mapping[str, object],
+    num_supernodes: int,
+    on_line: Callable[[str], None] | None = None,
+    log_path: Path | None = None,
+    cpus_per_client: int = 1,
+    timeout_s: float | None = None,
+) -> int:
+    """`flwr run <fedge> local --stream` with a private environment; returns its exit code."""
+    token = secrets.token_hex(8)
+    workdir = Path(tempfile.mkdtemp(prefix="fedge-sim-"))
+    env = simulation_env(workdir, token)
+    flwr = shutil.which("flwr", path=env["PATH"]) or "flwr"
+    cmd = [
+        flwr, "run", str(APP_DIR), "local", "--stream",
+        "--run-config", run_config_arg(run_config),
+        "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+    ]  # fmt: skip
+    log_file = log_path.open("w") if log_path else None
+    proc: subprocess.Popen[str] | None = None
+    try:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=str(APP_DIR),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        start = time.monotonic()
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if log_file:
+                log_file.write(line)
+                log_file.flush()
+            if on_line:
+                on_line(line.rstrip("\n"))
+            if timeout_s and time.monotonic() - start > timeout_s:
+                proc.terminate()
+                break
+        return proc.wait()
+    finally:
+        if proc and proc.poll() is None:
+            proc.kill()
+        stop_processes(token)
+        if log_file:
+            log_file.close()
+        shutil.rmtree(workdir, ignore_errors=True)
