@@ -7,7 +7,7 @@ than deep inside round 7.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from federation.errors import FedgeError
@@ -47,15 +47,24 @@ class RunConfig:
     client_threads: int
     federated_eval_every: int
     initial_checkpoint: str
+    local_steps: int  # 0: the scenario's steps per device class
+
+    def train_for(self, device_class: str) -> TrainSettings:
+        """Local work of one device class: the scenario's steps unless local-steps is set."""
+        steps = self.local_steps or self.scenario.local_steps.get(device_class, self.train.steps)
+        return replace(self.train, steps=steps)
 
     @classmethod
     def parse(cls, cfg: Mapping[str, Any]) -> RunConfig:
         scenario = get_scenario(_get(cfg, "scenario", str, "smart-home"))
         rounds = _get(cfg, "num-rounds", int, 0, "nonneg") or scenario.rounds
-        steps = _get(cfg, "local-steps", int, 0, "nonneg") or scenario.local_steps
+        steps = _get(cfg, "local-steps", int, 0, "nonneg")
         targets = tuple(
             t.strip() for t in _get(cfg, "lora-targets", str, "query,value").split(",") if t.strip()
         )
+        known_targets = {"query", "key", "value", "dense"}
+        if not targets or not set(targets) <= known_targets:  # checked first: the message names the key
+            raise FedgeError(f"run config lora-targets={targets} must be among {sorted(known_targets)}")
         try:
             lora = LoraSettings(
                 rank=_get(cfg, "lora-rank", int, 8, "positive"),
@@ -63,7 +72,7 @@ class RunConfig:
                 targets=targets,
             )
             train = TrainSettings(
-                steps=steps,
+                steps=steps or max(scenario.local_steps.values()),
                 batch_size=_get(cfg, "batch-size", int, 16, "positive"),
                 lr=_get(cfg, "lr", float, 3e-3, "positive"),
                 head_lr=_get(cfg, "head-lr", float, 3e-3, "positive"),
@@ -71,9 +80,6 @@ class RunConfig:
             )
         except ValueError as exc:
             raise FedgeError(f"run config: {exc}") from None
-        known_targets = {"query", "key", "value", "dense"}
-        if not set(targets) <= known_targets:
-            raise FedgeError(f"run config lora-targets={targets} must be among {sorted(known_targets)}")
         return cls(
             scenario=scenario,
             rounds=rounds,
@@ -88,4 +94,5 @@ class RunConfig:
             client_threads=_get(cfg, "client-threads", int, 1, "positive"),
             federated_eval_every=_get(cfg, "federated-eval-every", int, 4, "nonneg"),
             initial_checkpoint=_get(cfg, "initial-checkpoint", str, ""),
+            local_steps=steps,
         )

@@ -1,7 +1,7 @@
 """Who each device is: its class, its task and which real data client it holds.
 
 In simulation a node knows only its `partition-id`; the scenario maps it onto the fleet. In
-deployment a SuperNode says it with `--node-config "device-class='phone' data-client='hamlet/HAMLET'"`
+deployment a SuperNode says it with `--node-config "device-class='phone' data-client='hamlet/HAM'"`
 (or `device-class` + `partition-id`, the index within its class).
 """
 

@@ -64,19 +64,20 @@ def local_train(
     model = task_model(run, device.task)
     model.load_shared_state(shared)
     seed = round_seed(run.seed, device.data_client, server_round)
+    settings = run.train_for(device.device_class)
     new_private = None
     if device.task == "phone":
-        result = train_phone(model, data.train, run.train, seed)  # type: ignore[arg-type]
+        result = train_phone(model, data.train, settings, seed)  # type: ignore[arg-type]
     elif device.task == "tv":
         assert isinstance(model, TVModel)
         tokens, mask = _tv_tokens(run)
         user = _private(model, device, run, private)
         result, user = train_tv(
-            model, user, data.train_items, data.train_labels, tokens, mask, run.train, seed
+            model, user, data.train_items, data.train_labels, tokens, mask, settings, seed
         )
         new_private = user.numpy()
     else:
-        result = train_sensor(model, data.train_x, data.train_y, run.train, seed)  # type: ignore[arg-type]
+        result = train_sensor(model, data.train_x, data.train_y, settings, seed)  # type: ignore[arg-type]
     after = model.shared_state()
     delta = {k: (after[k] - np.asarray(v, dtype=after[k].dtype)) for k, v in shared.items()}
     metrics = {

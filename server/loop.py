@@ -196,6 +196,7 @@ class Federation:
 
     # -- one round ----------------------------------------------------------------------
     def train_round(self, server_round: int) -> dict[str, Any]:
+        start = time.perf_counter()
         chosen = sample(self.registry, self.run.scenario.per_round, self.run.seed, server_round)
         records = {t: _record(task_slice(self.state, t)) for t in self.tasks}
         messages, download = [], 0
@@ -255,6 +256,7 @@ class Federation:
             "upload_bytes": upload,
             "download_bytes": download,
             "train_loss": {t: float(np.mean(v)) for t, v in losses.items()},
+            "train_wall_seconds": time.perf_counter() - start,
         }
 
     def _check_reply(self, reply: Message, task: str, server_round: int) -> str | None:
@@ -262,7 +264,7 @@ class Federation:
         if "arrays" not in content or "metrics" not in content:
             return "reply lacks arrays or metrics"
         metrics = content["metrics"]
-        if int(metrics.get("server-round", -1)) != server_round:
+        if metrics.get("server-round") != server_round:  # exact: 3.5 is not round 3
             return f"reply is for round {metrics.get('server-round')}, not {server_round}"
         expected = {k[len(task) + 1 :]: s for k, s in self.shapes.items() if k.startswith(f"{task}/")}
         try:

@@ -145,6 +145,27 @@ def scenarios() -> None:
     console.print(table)
 
 
+@app.command()
+def prepare() -> None:
+    """Check the model and data packages and build the data caches (tokenised, windowed)."""
+    import time
+
+    from federation.data.common import cache_dir
+    from federation.data.phone import phone_clients
+    from federation.data.sensor import sensor_clients
+    from federation.data.tv import tv_clients, tv_items
+    from federation.model.backbones import minilm_dir, text_tokenizer
+    from federation.model.imu import load_imu_encoder
+
+    start = time.perf_counter()
+    minilm_dir()
+    text_tokenizer()
+    load_imu_encoder()
+    counts = {"phone": len(phone_clients()), "tv": len(tv_clients()), "sensor": len(sensor_clients())}
+    tv_items()
+    console.print(f"data ready in {cache_dir()} ({time.perf_counter() - start:.1f}s): clients {counts}")
+
+
 @app.command("pretrain-imu")
 def pretrain_imu(seed: int = 0, epochs: int = 30) -> None:
     """Rebuild the shipped IMU encoder from the vendor-lab subjects."""
@@ -155,14 +176,11 @@ def pretrain_imu(seed: int = 0, epochs: int = 30) -> None:
 
 
 @bench_app.command("overhead")
-def bench_overhead(
-    clients: Annotated[int, typer.Option(help="clients per round")] = 10,
-    seed: int = 0,
-) -> None:
-    """Local training of N clients directly in one process vs. one Flower simulation round."""
+def bench_overhead(seed: int = 0) -> None:
+    """Local training of the `bench` scenario's 10 devices directly vs. one Flower simulation round."""
     from simulations.bench import overhead
 
-    overhead(clients, seed, console)
+    overhead(seed, console)
 
 
 def main() -> None:

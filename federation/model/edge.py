@@ -68,14 +68,13 @@ class TaskModel(nn.Module):
             raise ValueError(
                 f"{self.task} state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
             )
+        for key, param in params.items():  # check everything before changing anything
+            shape = tuple(np.shape(state[key]))
+            if shape != tuple(param.shape):
+                raise ValueError(f"{self.task} state {key}: shape {shape} != {tuple(param.shape)}")
         with torch.no_grad():
             for key, param in params.items():
-                value = torch.as_tensor(np.asarray(state[key]), dtype=param.dtype)
-                if tuple(value.shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"{self.task} state {key}: shape {tuple(value.shape)} != {tuple(param.shape)}"
-                    )
-                param.copy_(value)
+                param.copy_(torch.as_tensor(np.asarray(state[key]), dtype=param.dtype))
 
     def export_adapter(self, directory: Path) -> None:
         """Save the LoRA adapter in PEFT format (loads with `PeftModel.from_pretrained`)."""
@@ -162,11 +161,13 @@ class SensorModel(TaskModel):
 
         settings = LoraSettings(rank=lora.rank, alpha=lora.alpha, targets=SENSOR_LORA_TARGETS)
         self.backbone = wrap_with_lora(load_imu_encoder(), settings, seed, "sensor")
-        self.head = nn.Linear(FEATURES, n_classes)
+        # The frozen encoder's features are large (tens) and uncalibrated for a fresh head:
+        # normalising them first keeps the first rounds' logits sane.
+        self.head = nn.ModuleDict({"norm": nn.LayerNorm(FEATURES), "out": nn.Linear(FEATURES, n_classes)})
         _seeded_init(self.head, seed, "sensor-head")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.head["out"](self.head["norm"](self.backbone(x)))
 
 
 def _seeded_init(module: nn.Module, seed: int, key: str) -> None:

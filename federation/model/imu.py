@@ -81,7 +81,19 @@ def load_imu_encoder() -> IMUEncoder:
     return encoder
 
 
-def pretrain_imu_encoder(seed: int = 0, epochs: int = 30, out: Path = ENCODER_FILE) -> dict[str, float]:
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-channel gain, a circular time shift and sensor noise.
+
+    Two lab subjects are few: without augmentation the encoder learns their style, and a linear
+    probe on fleet subjects' held-out recordings reached 0.51 accuracy; with it 0.63, and 0.67
+    with 60 epochs and head dropout (one seed, measured while building this).
+    """
+    gain = 1.0 + 0.2 * torch.randn(x.shape[0], x.shape[1], 1, generator=gen)
+    shift = int(torch.randint(-20, 21, (1,), generator=gen))
+    return torch.roll(x, shift, dims=-1) * gain + 0.05 * torch.randn(x.shape, generator=gen)
+
+
+def pretrain_imu_encoder(seed: int = 0, epochs: int = 60, out: Path = ENCODER_FILE) -> dict[str, float]:
     """Train encoder + a throwaway head on the vendor-lab subjects; save the encoder.
 
     Single-threaded and seeded, so a rebuild gives the same weights on the same platform.
@@ -98,19 +110,21 @@ def pretrain_imu_encoder(seed: int = 0, epochs: int = 30, out: Path = ENCODER_FI
         order = torch.randperm(len(x), generator=gen)
         n_val = len(x) // 4
         val, train = order[:n_val], order[n_val:]
-        encoder, head = IMUEncoder(), nn.Linear(FEATURES, N_CLASSES)
+        encoder, head = IMUEncoder(), nn.Sequential(nn.Dropout(0.3), nn.Linear(FEATURES, N_CLASSES))
         params = list(encoder.parameters()) + list(head.parameters())
         opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=1e-3)
         start = time.perf_counter()
         for _ in range(epochs):
             encoder.train()
+            head.train()
             for batch in torch.randperm(len(train), generator=gen).split(32):
                 idx = train[batch]
-                loss = nn.functional.cross_entropy(head(encoder(x[idx])), y[idx])
+                loss = nn.functional.cross_entropy(head(encoder(augment(x[idx], gen))), y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         encoder.eval()
+        head.eval()
         with torch.no_grad():
             acc = (head(encoder(x[val])).argmax(-1) == y[val]).float().mean().item()
         out.parent.mkdir(parents=True, exist_ok=True)

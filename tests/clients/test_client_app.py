@@ -1,0 +1,214 @@
+"""fedge's ClientApp called in-process with real Flower Messages (no Ray, no SuperLink).
+
+A sensor node (cheap) and a TV node (MiniLM + private part) of the `smoke` scenario go through
+check-in, train and evaluate, exactly as the ServerApp would address them. The server's side of
+each message (global state, config) is built by the real `federation` code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from federation import aggregation
+from federation.config import RunConfig
+from federation.data.sensor import N_CLASSES
+from federation.fleet import device_for_partition, load_device_data, num_train_examples
+from federation.model.edge import initial_state, task_slice
+from federation.scenarios import get_scenario
+from federation.training import AUC_BINS
+
+RUN_CONFIG = {"scenario": "smoke", "local-steps": 2}
+SENSOR_PARTITION, TV_PARTITION = 2, 1  # smoke fleet order: phone, tv, sensor, phone, tv, ...
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _task_identity():
+    # Building a Message outside a Flower runtime needs this (internal API; FLOWER-1.42-NOTES §8).
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="module")
+def app():
+    from clients.client_app import app
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def run() -> RunConfig:
+    return RunConfig.parse(RUN_CONFIG)
+
+
+@pytest.fixture(scope="module")
+def global_state(run: RunConfig) -> dict[str, np.ndarray]:
+    """The server's round-0 state of every smoke task (MiniLM is read once, for phone + tv)."""
+    return initial_state(run.scenario.tasks, run.lora, run.seed, run.tv_user_dim)
+
+
+def _context(partition: int) -> Context:
+    return Context(
+        run_id=1,
+        node_id=100 + partition,
+        node_config={"partition-id": partition, "num-partitions": 8},
+        state=RecordDict(),
+        run_config=dict(RUN_CONFIG),
+    )
+
+
+@pytest.fixture(scope="module")
+def sensor_ctx() -> Context:
+    return _context(SENSOR_PARTITION)
+
+
+@pytest.fixture(scope="module")
+def tv_ctx() -> Context:
+    return _context(TV_PARTITION)
+
+
+def _message(ctx: Context, kind: str, content: RecordDict) -> Message:
+    return Message(content, dst_node_id=ctx.node_id, message_type=kind)
+
+
+def _work(ctx: Context, kind: str, state: dict[str, np.ndarray], task: str, server_round: int) -> Message:
+    arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in task_slice(state, task).items()})
+    config = ConfigRecord({"server-round": server_round, "task": task})
+    return _message(ctx, kind, RecordDict({"arrays": arrays, "config": config}))
+
+
+def _checkin(app: Any, ctx: Context) -> Message:
+    msg = _message(ctx, MessageType.QUERY, RecordDict({"config": ConfigRecord({"check-in": 1})}))
+    return app(msg, ctx)
+
+
+def _check_train_reply(
+    reply: Message, state: dict[str, np.ndarray], task: str, server_round: int
+) -> dict[str, np.ndarray]:
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+    assert isinstance(arrays, ArrayRecord) and isinstance(metrics, MetricRecord)
+    expected = task_slice(state, task)
+    delta = {k: v.numpy() for k, v in arrays.items()}
+    assert set(delta) == set(expected)
+    for key, value in delta.items():
+        assert value.shape == expected[key].shape and value.dtype == np.float32, key
+        assert np.isfinite(value).all(), key
+    assert any(np.abs(v).max() > 0 for k, v in delta.items() if k.startswith("lora.")), "no LoRA update"
+    assert metrics["num-examples"] > 0
+    assert metrics["server-round"] == server_round
+    assert metrics["upload-bytes"] == arrays.count_bytes() > 0
+    assert np.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
+    # what the server checks before aggregating
+    shapes = {k: v.shape for k, v in expected.items()}
+    assert aggregation.validate_update(delta, shapes, float(metrics["num-examples"])) is None
+    return delta
+
+
+# -------------------------------------------------------------------------------------- sensor
+
+
+def test_sensor_checkin(app, sensor_ctx: Context, run: RunConfig) -> None:
+    reply = _checkin(app, sensor_ctx)
+    assert not reply.has_error()
+    device = device_for_partition(get_scenario("smoke"), SENSOR_PARTITION, run.seed)
+    info = reply.content["device"]
+    assert dict(info) == {"device-class": "sensor", "task": "sensor", "data-client": device.data_client}
+    data = load_device_data(device, run.seed, run.seq_len)
+    n = reply.content["metrics"]["num-train-examples"]
+    assert n == num_train_examples(device, data) == len(data.train_x) > 0
+
+
+def test_sensor_train(app, sensor_ctx: Context, global_state: dict[str, np.ndarray], run: RunConfig) -> None:
+    reply = app(_work(sensor_ctx, MessageType.TRAIN, global_state, "sensor", 3), sensor_ctx)
+    delta = _check_train_reply(reply, global_state, "sensor", 3)
+    assert set(delta) == {
+        "lora.conv2.lora_B.weight",
+        "lora.conv3.lora_B.weight",
+        "lora.proj.lora_B.weight",
+        "head.norm.weight",
+        "head.norm.bias",
+        "head.out.weight",
+        "head.out.bias",
+    }
+    # 2 local steps of batch 16
+    assert reply.content["metrics"]["num-examples"] == run.train.steps * run.train.batch_size == 32
+    assert "fedge.private" not in sensor_ctx.state  # a sensor has no private part
+
+
+def test_sensor_evaluate_returns_sums(
+    app, sensor_ctx: Context, global_state: dict[str, np.ndarray], run
+) -> None:
+    reply = app(_work(sensor_ctx, MessageType.EVALUATE, global_state, "sensor", 4), sensor_ctx)
+    assert not reply.has_error()
+    metrics = reply.content["metrics"]
+    device = device_for_partition(get_scenario("smoke"), SENSOR_PARTITION, run.seed)
+    n_test = len(load_device_data(device, run.seed, run.seq_len).test_y)
+    assert metrics["count"] == metrics["num-examples"] == n_test > 0
+    assert metrics["server-round"] == 4
+    confusion = metrics["confusion"]
+    assert len(confusion) == N_CLASSES**2 and sum(confusion) == n_test
+    assert metrics["correct"] == sum(confusion[i * N_CLASSES + i] for i in range(N_CLASSES))
+    assert metrics["loss_sum"] > 0 and np.isfinite(metrics["loss_sum"])
+
+
+def test_wrong_task_is_refused(app, sensor_ctx: Context, global_state: dict[str, np.ndarray]) -> None:
+    # In-process the handler's exception propagates (a SuperNode's runtime would turn it into an
+    # error reply); nothing is trained on another task's state.
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        with pytest.raises(ValueError, match="server sent task 'phone' to a sensor device"):
+            app(_work(sensor_ctx, kind, global_state, "phone", 1), sensor_ctx)
+
+
+# ------------------------------------------------------------------------------------------ tv
+
+
+def test_tv_checkin_train_keeps_private_part_and_evaluates(
+    app, tv_ctx: Context, global_state: dict[str, np.ndarray], run: RunConfig
+) -> None:
+    from clients.client_app import PRIVATE_KEY
+
+    reply = _checkin(app, tv_ctx)
+    assert not reply.has_error()
+    assert reply.content["device"]["device-class"] == "tv" and reply.content["device"]["task"] == "tv"
+    assert reply.content["metrics"]["num-train-examples"] > 0
+
+    assert PRIVATE_KEY not in tv_ctx.state
+    reply = app(_work(tv_ctx, MessageType.TRAIN, global_state, "tv", 1), tv_ctx)
+    delta = _check_train_reply(reply, global_state, "tv", 1)
+    assert set(delta) == set(task_slice(global_state, "tv"))
+    assert {"head.item.weight", "head.item.bias", "head.global_bias"} <= set(delta)
+
+    # the viewer's part stays on the device: in context.state, not in the reply
+    stored = tv_ctx.state[PRIVATE_KEY]
+    assert isinstance(stored, ArrayRecord)
+    private = stored["user"].numpy()
+    assert private.shape == (run.tv_user_dim + 1,) and np.isfinite(private).all()
+    assert not any(name in key for key in delta for name in ("user", "private"))
+    for value in delta.values():
+        assert not (value.shape == private.shape and np.allclose(value, private))
+    assert reply.content["arrays"].count_bytes() == reply.content["metrics"]["upload-bytes"]
+
+    # the next round starts from the stored part and moves it on
+    reply = app(_work(tv_ctx, MessageType.TRAIN, global_state, "tv", 2), tv_ctx)
+    _check_train_reply(reply, global_state, "tv", 2)
+    again = tv_ctx.state[PRIVATE_KEY]["user"].numpy()
+    assert again.shape == private.shape and not np.array_equal(again, private)
+
+    reply = app(_work(tv_ctx, MessageType.EVALUATE, global_state, "tv", 2), tv_ctx)
+    assert not reply.has_error()
+    metrics = reply.content["metrics"]
+    assert metrics["count"] == metrics["num-examples"] > 0 and metrics["server-round"] == 2
+    pos, neg = metrics["pos_hist"], metrics["neg_hist"]
+    assert len(pos) == len(neg) == AUC_BINS
+    assert sum(pos) + sum(neg) == metrics["count"]
+    assert 0 <= metrics["correct"] <= metrics["count"]
+    assert metrics["loss_sum"] > 0 and np.isfinite(metrics["loss_sum"])

@@ -1,0 +1,218 @@
+"""Run-config parsing, the partition -> device mapping of a fleet, and checkpoints.
+
+The fleet draws real data clients (Shakespeare roles, MovieLens viewers, watch subjects) from
+the default fedge cache ($FEDGE_CACHE or ~/.cache/fedge), which holds the parsed client lists.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from federation.checkpoint import load_checkpoint, save_checkpoint
+from federation.config import RunConfig
+from federation.errors import FedgeError
+from federation.fleet import (
+    Device,
+    all_data_clients,
+    device_for_partition,
+    device_from_node_config,
+    fleet_data_clients,
+)
+from federation.scenarios import fleet_order, get_scenario
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# ------------------------------------------------------------------------------------ config
+
+
+def test_pyproject_run_config_parses_to_the_documented_defaults() -> None:
+    app_config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    run = RunConfig.parse(app_config)
+    assert run == RunConfig.parse({})  # the code's defaults are the pyproject's
+    assert run.scenario.name == "smart-home"
+    assert run.rounds == run.scenario.rounds == 12  # 0 means: the scenario's
+    assert run.local_steps == 0  # 0 means: the scenario's, per device class
+    assert [run.train_for(c).steps for c in ("phone", "tv", "sensor")] == [10, 10, 30]
+    assert RunConfig.parse({"local-steps": 3}).train_for("sensor").steps == 3
+    assert (run.lora.rank, run.lora.alpha, run.lora.targets) == (8, 16, ("query", "value"))
+    assert run.train.lr == pytest.approx(3e-3) and run.train.private_lr == pytest.approx(0.05)
+    assert run.seed == 0 and run.seq_len == 32 and run.tv_user_dim == 16
+
+
+def test_overrides_are_applied() -> None:
+    run = RunConfig.parse(
+        {"scenario": "smoke", "num-rounds": 5, "local-steps": 2, "lora-targets": "query, key,dense", "lr": 1}
+    )
+    assert run.scenario.name == "smoke" and run.rounds == 5 and run.train.steps == 2
+    assert run.lora.targets == ("query", "key", "dense")
+    assert run.train.lr == 1.0 and isinstance(run.train.lr, float)  # an int where a float is wanted is fine
+
+
+@pytest.mark.parametrize(
+    ("cfg", "key"),
+    [
+        ({"scenario": "no-such-scenario"}, "scenario"),
+        ({"scenario": 3}, "scenario="),
+        ({"lora-rank": "8"}, "lora-rank="),
+        ({"lora-rank": 0}, "lora-rank="),
+        ({"lora-rank": 8.0}, "lora-rank="),
+        ({"lr": -1}, "run config lr="),
+        ({"lr": True}, "run config lr="),
+        ({"head-lr": 0.0}, "head-lr="),
+        ({"lora-targets": "foo"}, "lora-targets="),
+        ({"lora-targets": "query,foo"}, "lora-targets="),
+        ({"lora-targets": " , "}, "lora-targets="),
+        ({"num-rounds": -1}, "num-rounds="),
+        ({"batch-size": 0}, "batch-size="),
+        ({"seed": "0"}, "seed="),
+        ({"round-timeout": "600"}, "round-timeout="),
+    ],
+)
+def test_bad_values_fail_with_a_one_line_message_naming_the_key(cfg: dict, key: str) -> None:
+    with pytest.raises(FedgeError) as info:
+        RunConfig.parse(cfg)
+    message = str(info.value)
+    assert key in message, message
+    assert "\n" not in message
+
+
+# ------------------------------------------------------------------------------------- fleet
+
+
+def test_partitions_map_to_a_mixed_fleet_deterministically() -> None:
+    scenario = get_scenario("smart-home")
+    devices = [device_for_partition(scenario, p, seed=0) for p in range(scenario.size)]
+    assert [d.device_class for d in devices[:3]] == ["phone", "tv", "sensor"]
+    assert [d.task for d in devices[:3]] == ["phone", "tv", "sensor"]
+    counts = {c: sum(d.device_class == c for d in devices) for c in scenario.fleet}
+    assert counts == scenario.fleet == {"phone": 16, "tv": 12, "sensor": 8}
+    assert len(set(devices)) == scenario.size  # every device holds its own data client
+    # any prefix of the nodes is mixed
+    assert {d.device_class for d in devices[:6]} == {"phone", "tv", "sensor"}
+    assert devices == [device_for_partition(scenario, p, seed=0) for p in range(scenario.size)]
+    assert fleet_order(scenario)[:4] == [("phone", 0), ("tv", 0), ("sensor", 0), ("phone", 1)]
+
+
+@pytest.mark.parametrize(("device_class", "count"), [("phone", 16), ("tv", 12), ("sensor", 8)])
+def test_fleet_data_clients_are_distinct_seeded_draws(device_class: str, count: int) -> None:
+    pool = all_data_clients(device_class)
+    assert len(pool) > count
+    draw = fleet_data_clients(device_class, count, 0)
+    assert len(draw) == len(set(draw)) == count
+    assert set(draw) <= set(pool)
+    # recomputed without the process cache: the same draw
+    assert fleet_data_clients.__wrapped__(device_class, count, 0) == draw
+    others = [fleet_data_clients(device_class, count, seed) for seed in (1, 2, 3)]
+    assert all(o != draw for o in others)
+
+
+def test_fleet_larger_than_the_dataset_is_refused() -> None:
+    with pytest.raises(FedgeError, match="17 sensor devices"):
+        fleet_data_clients("sensor", 17, 0)
+
+
+@pytest.mark.parametrize("partition_id", [-1, 36, 100])
+def test_partition_out_of_range_names_num_supernodes(partition_id: int) -> None:
+    with pytest.raises(FedgeError, match=r"num-supernodes=36"):
+        device_for_partition(get_scenario("smart-home"), partition_id, seed=0)
+    with pytest.raises(FedgeError, match=r"num-supernodes=36"):
+        device_from_node_config({"partition-id": partition_id}, get_scenario("smart-home"), 0)
+
+
+def test_deployment_node_config_resolves() -> None:
+    scenario = get_scenario("smart-home")
+    assert device_from_node_config({"device-class": "tv", "data-client": "301"}, scenario, 0) == Device(
+        "tv", "301"
+    )
+    phone = device_from_node_config({"device-class": "phone", "data-client": "hamlet/HAM"}, scenario, 0)
+    assert phone == Device("phone", "hamlet/HAM") and phone.task == "phone"
+    # device-class + partition-id: the index within that class's seeded draw
+    assert device_from_node_config({"device-class": "sensor", "partition-id": 2}, scenario, 0) == Device(
+        "sensor", fleet_data_clients("sensor", 8, 0)[2]
+    )
+    # simulation: the partition id alone
+    sim = device_from_node_config({"partition-id": 1, "num-partitions": 36}, scenario, 0)
+    assert sim == device_for_partition(scenario, 1, 0) and sim.device_class == "tv"
+
+
+@pytest.mark.parametrize(
+    ("node_config", "words"),
+    [
+        ({"device-class": "tv", "data-client": "no-such-viewer"}, ["data-client", "no-such-viewer"]),
+        ({"device-class": "sensor", "data-client": "s1a"}, ["data-client", "s1a"]),  # vendor lab
+        ({"device-class": "toaster"}, ["device-class", "toaster"]),
+        ({}, ["device-class", "partition-id"]),
+    ],
+)
+def test_bad_node_config_fails_naming_the_key(node_config: dict, words: list[str]) -> None:
+    with pytest.raises(FedgeError) as info:
+        device_from_node_config(node_config, get_scenario("smart-home"), 0)
+    for word in words:
+        assert word in str(info.value)
+
+
+# ------------------------------------------------------------------------------- checkpoint
+
+
+def _state() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "phone/lora.encoder.layer.0.attention.self.query.lora_B.weight": rng.normal(size=(384, 8)).astype(
+            np.float32
+        ),
+        "sensor/head.bias": rng.normal(size=(7,)).astype(np.float32),
+        "tv/head.global_bias": np.array([0.25], dtype=np.float32),
+        "x/float64": rng.normal(size=(2, 3)),
+    }
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path: Path) -> None:
+    state, info = _state(), {"round": 7, "scenario": "smoke", "tasks": ["phone", "tv"], "seed": 3}
+    path = save_checkpoint(tmp_path / "run", state, info)
+    assert path == tmp_path / "run" / "checkpoint.safetensors"
+    assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]  # atomic: no temp files left
+    for source in (path, path.parent):  # the file or its folder
+        loaded, loaded_info = load_checkpoint(source)
+        assert loaded_info == info
+        assert set(loaded) == set(state)
+        for key, value in state.items():
+            assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape
+            assert loaded[key].tobytes() == value.tobytes()
+
+
+def _one_line_error(path: Path) -> str:
+    with pytest.raises(FedgeError) as info:
+        load_checkpoint(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    assert "does not exist" in _one_line_error(tmp_path / "nope" / "checkpoint.safetensors")
+
+
+@pytest.mark.parametrize("damage", ["truncate-tail", "truncate-header", "garbage", "empty"])
+def test_corrupt_checkpoint(tmp_path: Path, damage: str) -> None:
+    path = save_checkpoint(tmp_path, _state(), {"round": 1})
+    raw = path.read_bytes()
+    damaged = {
+        "truncate-tail": raw[: len(raw) - 100],
+        "truncate-header": raw[:20],
+        "garbage": np.random.default_rng(0).bytes(len(raw)),
+        "empty": b"",
+    }[damage]
+    path.write_bytes(damaged)
+    assert "corrupt" in _one_line_error(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_checkpoint_with_nan_is_refused(tmp_path: Path, bad: float) -> None:
+    state = _state()
+    state["sensor/head.bias"][3] = bad
+    path = save_checkpoint(tmp_path, state, {"round": 2})
+    assert "sensor/head.bias" in _one_line_error(path)
