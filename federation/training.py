@@ -22,6 +22,7 @@ from federation.model.edge import PhoneModel, SensorModel, TaskModel, TVModel
 AUC_BINS = 200  # histogram bins for the federated AUC: error <= 1/AUC_BINS-ish, summable
 TV_PERSONALIZE_STEPS = 60  # full-batch steps fitting a viewer's private part (cheap: d+1 numbers)
 EVAL_BATCH = 64
+SENSOR_LABEL_SMOOTHING = 0.1
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,10 @@ def train_sensor(
     optimizers = _optimizers(model, settings)
     start, losses, seen = time.perf_counter(), [], 0
     for idx in _batches(len(x), settings, seed):
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        # Label smoothing: a watch's few recordings make its head overconfident on other
+        # wearers' recordings; with 0.1 the smart-home held-out loss after 12 rounds went
+        # 1.40 -> 1.04 and accuracy 0.59 -> 0.62 (one seed, in-process FedAvg of the fleet).
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=SENSOR_LABEL_SMOOTHING)
         _step(optimizers, loss)
         losses.append(loss.item())
         seen += len(idx)
