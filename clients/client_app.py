@@ -5,7 +5,9 @@ Three message handlers:
 - `train`: load the task's global shared state, train locally, reply with the *delta* and
   metrics (num-examples, loss, train seconds, upload bytes). A TV's private part lives in the
   node's `context.state` and never leaves the device;
-- `evaluate`: summed held-out results for the node's task.
+- `evaluate`: summed held-out results for the node's task;
+- `train.secagg_keys` / `train.secagg_mask` / `train.secagg_unmask`: the device's side of
+  secure aggregation (`clients/secagg.py`), the default.
 
 Module imports stay light (no torch at import): a SuperNode may start a fresh process per
 message, and importing torch/peft there is paid per message. Heavy objects (backbones, data)
@@ -67,10 +69,11 @@ def checkin(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"device": info, "metrics": metrics}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    import numpy as np
+def train_locally(msg: Message, context: Context):
+    """The round's local work, shared by plain and secure rounds: (run, device, result, round).
 
+    A TV's updated private part goes to the node's state here; it is never part of a reply.
+    """
     from federation.local import local_train
 
     run, device = _setup(context)
@@ -82,7 +85,20 @@ def train(msg: Message, context: Context) -> Message:
     result = local_train(run, device, _data(run, device), shared, server_round, _stored_private(context))
     if result.private is not None:
         context.state[PRIVATE_KEY] = ArrayRecord({"user": _array(result.private)})
-    arrays = ArrayRecord({k: _array(v.astype(np.float32)) for k, v in result.delta.items()})
+    return run, device, result, server_round
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """A plain round (secure-aggregation = false): the server sees this device's update."""
+    import numpy as np
+
+    from federation.aggregation import contribution
+
+    _, _, result, server_round = train_locally(msg, context)
+    # The upload is the device's contribution to the round's sum: weighted delta + weights.
+    upload = contribution(result.delta, result.metrics["num-examples"])
+    arrays = ArrayRecord({k: _array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in upload.items()})
     metrics = dict(result.metrics)
     metrics["server-round"] = server_round
     metrics["upload-bytes"] = arrays.count_bytes()
@@ -109,3 +125,7 @@ def _array(value):
     from flwr.app import Array
 
     return Array(value)
+
+
+# Secure-aggregation handlers (train.secagg_*) register on `app` when imported.
+from clients import secagg as _secagg  # noqa: E402, F401

@@ -1,14 +1,24 @@
-"""Streamed, per-key weighted averaging of device updates (FedAvg, McMahan et al., AISTATS 2017).
+"""The aggregation rule: a sum of what devices upload, then one division on the server.
 
-In the FedJAX style an aggregation is a pair of plain functions over explicit state:
-`init` -> `accumulate` (once per device, as its reply arrives) -> `apply`. The state holds one
-running weighted sum per key plus the weight behind it, so memory does not grow with the number
-of devices in a round. Each key is averaged over the devices that uploaded it: a LoRA adapter
-over the devices that use it, a head over the devices of its task.
+FedAvg (McMahan et al., AISTATS 2017) generalised to exact heterogeneous-rank LoRA under a shared
+frozen A (DESIGN.md, "LoRA aggregation"). A device uploads a *contribution*:
 
-Devices upload *deltas* (new - global). With A frozen and shared (see `federation.model.lora`),
-the weighted mean of the B deltas is exactly the weighted mean of the devices' LoRA updates.
-The rule is a sum, so it is compatible with secure aggregation.
+- for every shared key, its delta (new - global) times its weight p_k (examples trained on);
+- for every key, the weights behind it (`KEY#weight`): for a LoRA B, one weight per column —
+  p_k on the r_k columns the device trained, 0 on the rest (its B delta is zero-padded to
+  r_max); for any other key (heads) a single p_k.
+
+The server only *adds* contributions (in plaintext, or under secure aggregation, which reveals
+nothing but the sum), then `apply` divides: each B column becomes the weighted mean over the
+devices that trained it, each head the weighted mean over the devices of its task, and what
+nobody trained keeps its value. With A frozen and shared, sum_k p_k B_k A = (sum_k p_k B_k) A,
+so for devices of one rank the new adapter is exactly the weighted mean of their updates
+B_k A; for mixed ranks each block of columns is the weighted mean over the devices that
+trained it (small devices do not dilute what large ones learned).
+
+In the FedJAX style the rule is plain functions over explicit state: `contribution` on the
+device; `init` / `add` / `apply` on the server. The state is one running sum per key, so memory
+does not grow with the number of devices in a round.
 """
 
 from __future__ import annotations
@@ -18,67 +28,131 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+WEIGHT = "#weight"
+
+
+def is_column_key(key: str) -> bool:
+    """LoRA B matrices ([out, r] or [out, r, k]) are weighted per column (axis 1)."""
+    return ".lora_B." in key
+
+
+def _column_view(weights: np.ndarray, ndim: int) -> np.ndarray:
+    """Broadcast a per-column weight vector against a B of `ndim` dimensions (columns = axis 1)."""
+    return weights.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def contribution(
+    delta: Mapping[str, np.ndarray], weight: float, rank: int | None = None
+) -> dict[str, np.ndarray]:
+    """One device's upload: weighted deltas plus the weights behind them.
+
+    `rank`: the columns of each B the device trained (None: all). Columns beyond it must be
+    zero in `delta` (a rank-r device holds no parameters there).
+    """
+    if not (np.isfinite(weight) and weight > 0):
+        raise ValueError(f"aggregation weight must be a positive number, got {weight}")
+    out: dict[str, np.ndarray] = {}
+    for key, value in delta.items():
+        value = np.asarray(value, dtype=np.float32)
+        if is_column_key(key):
+            r_max = value.shape[1]
+            r = r_max if rank is None else rank
+            if not 1 <= r <= r_max:
+                raise ValueError(f"rank {r} is outside 1..{r_max} for {key}")
+            if np.any(value[:, r:] != 0):
+                raise ValueError(f"{key} has non-zero columns beyond the device's rank {r}")
+            weights = np.zeros(r_max, dtype=np.float32)
+            weights[:r] = weight
+        else:
+            weights = np.array([weight], dtype=np.float32)
+        out[key] = value * np.float32(weight)
+        out[key + WEIGHT] = weights
+    return out
+
 
 @dataclass
-class MeanState:
-    """Running weighted sums: sums[key] = sum_k w_k * delta_k[key]; weights[key] = sum_k w_k."""
+class SumState:
+    """Running sums of contributions, per key (float64: order-independent to ~1e-16)."""
 
     sums: dict[str, np.ndarray] = field(default_factory=dict)
-    weights: dict[str, float] = field(default_factory=dict)
-    contributors: int = 0
+    count: int = 0  # contributions added (a secure sum of many counts as one)
 
 
-def init() -> MeanState:
-    return MeanState()
+def init() -> SumState:
+    return SumState()
 
 
-def accumulate(state: MeanState, delta: Mapping[str, np.ndarray], weight: float) -> MeanState:
-    """Add one device's delta with its weight (its number of training examples)."""
-    if not weight > 0:
-        raise ValueError(f"aggregation weight must be > 0, got {weight}")
-    for key, value in delta.items():
-        contribution = np.asarray(value, dtype=np.float64) * weight
+def add(state: SumState, contrib: Mapping[str, np.ndarray]) -> SumState:
+    """Fold one contribution (or an already-summed batch of them) into the state, in place."""
+    for key, value in contrib.items():
+        value = np.asarray(value, dtype=np.float64)
         if key in state.sums:
-            state.sums[key] += contribution
-            state.weights[key] += weight
+            state.sums[key] += value
         else:
-            state.sums[key] = contribution
-            state.weights[key] = float(weight)
-    state.contributors += 1
+            state.sums[key] = value.copy()
+    state.count += 1
     return state
 
 
 def apply(
-    state: MeanState, global_state: Mapping[str, np.ndarray], server_lr: float = 1.0
+    state: SumState, global_state: Mapping[str, np.ndarray], server_lr: float = 1.0
 ) -> dict[str, np.ndarray]:
-    """New global state: each key moves by the weighted mean delta of its contributors.
-
-    Keys nobody uploaded this round keep their value.
-    """
+    """The new global state: each key moves by the weighted mean delta of its contributors."""
     new = {k: np.array(v, copy=True) for k, v in global_state.items()}
     for key, total in state.sums.items():
-        mean = total / state.weights[key]
+        if key.endswith(WEIGHT) or key not in new:
+            continue
+        weights = state.sums[key + WEIGHT]
+        if is_column_key(key):
+            w = _column_view(weights, total.ndim)
+            mean = np.divide(total, w, out=np.zeros_like(total), where=w > 0)
+        elif weights[0] > 0:
+            mean = total / weights[0]
+        else:
+            continue
         new[key] = (new[key].astype(np.float64) + server_lr * mean).astype(new[key].dtype)
     return new
 
 
-def validate_update(
-    update: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], weight: float
+def expected_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Shapes of a contribution to a state with these shapes (weights included)."""
+    out = dict(shapes)
+    for key, shape in shapes.items():
+        out[key + WEIGHT] = (shape[1],) if is_column_key(key) else (1,)
+    return out
+
+
+def validate_contribution(
+    contrib: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], max_weight: float
 ) -> str | None:
-    """Why a device's update must be left out of the aggregate, or None if it is fine."""
-    missing, extra = set(expected) - set(update), set(update) - set(expected)
+    """Why a device's contribution must be left out of the sum, or None if it is fine."""
+    expected = expected_shapes(shapes)
+    missing, extra = set(expected) - set(contrib), set(contrib) - set(expected)
     if missing:
         return f"missing keys {sorted(missing)[:3]}"
     if extra:
         return f"unexpected keys {sorted(extra)[:3]}"
     for key, shape in expected.items():
-        value = np.asarray(update[key])
+        value = np.asarray(contrib[key])
         if tuple(value.shape) != tuple(shape):
             return f"{key} has shape {tuple(value.shape)}, expected {tuple(shape)}"
         if not np.issubdtype(value.dtype, np.floating):
             return f"{key} has dtype {value.dtype}, expected floating point"
         if not np.isfinite(value).all():
             return f"{key} holds NaN or inf"
-    if not (np.isfinite(weight) and weight > 0):
-        return f"num-examples {weight} is not a positive number"
+    weights = {float(w) for k in shapes for w in np.asarray(contrib[k + WEIGHT]).ravel() if w != 0}
+    if len(weights) != 1:
+        return "weights must be one positive number per device (0 on untrained columns)"
+    weight = weights.pop()
+    if not 0 < weight <= max_weight:
+        return f"weight {weight} is outside (0, {max_weight}]"
+    for key in shapes:
+        if is_column_key(key):
+            w = np.asarray(contrib[key + WEIGHT])
+            trained = w > 0
+            if trained.any() and not trained[: int(trained.sum())].all():
+                return f"{key}#weight must cover a prefix of the columns (a device trains B's first r)"
+            untrained = ~_column_view(trained, np.ndim(contrib[key]))
+            if np.any(np.where(untrained, np.asarray(contrib[key]), 0) != 0):
+                return f"{key} has non-zero values in columns the device did not train"
     return None

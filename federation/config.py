@@ -48,6 +48,11 @@ class RunConfig:
     federated_eval_every: int
     initial_checkpoint: str
     local_steps: int  # 0: the scenario's steps per device class
+    max_weight: float  # largest aggregation weight (examples) one device may claim in a round
+    secure_aggregation: bool  # the server learns only sums of updates (federation/secagg)
+    secagg_clip: float  # updates are clipped to +-clip per coordinate before fixed-point encoding
+    secagg_value_bits: int  # fixed-point bits per coordinate (sign included)
+    dropout_after_keys: float  # simulation knob: fraction of devices vanishing after key sharing
 
     def train_for(self, device_class: str) -> TrainSettings:
         """Local work of one device class: the scenario's steps unless local-steps is set."""
@@ -95,4 +100,9 @@ class RunConfig:
             federated_eval_every=_get(cfg, "federated-eval-every", int, 4, "nonneg"),
             initial_checkpoint=_get(cfg, "initial-checkpoint", str, ""),
             local_steps=steps,
+            max_weight=_get(cfg, "max-weight", float, 100_000.0, "positive"),
+            secure_aggregation=_get(cfg, "secure-aggregation", bool, True),
+            secagg_clip=_get(cfg, "secagg-clip", float, 1.0, "positive"),
+            secagg_value_bits=_get(cfg, "secagg-value-bits", int, 24, "positive"),
+            dropout_after_keys=_get(cfg, "dropout-after-keys", float, 0.0, "nonneg"),
         )

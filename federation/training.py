@@ -45,7 +45,7 @@ class TrainSettings:
 @dataclass(frozen=True)
 class TrainResult:
     loss: float  # mean training loss over the local steps
-    num_examples: int  # examples seen (steps x batch): the aggregation weight
+    num_examples: int  # examples seen (steps x batch; phone: sequences): the aggregation weight
     train_seconds: float
 
 
@@ -109,10 +109,10 @@ def train_phone(model: PhoneModel, train: torch.Tensor, settings: TrainSettings,
     optimizers = _optimizers(model, settings)
     start, losses, seen = time.perf_counter(), [], 0
     for idx in _batches(len(train), settings, seed):
-        loss, _, valid = phone_loss(model, train[idx])
+        loss, _, _ = phone_loss(model, train[idx])
         _step(optimizers, loss)
         losses.append(loss.item())
-        seen += int(valid.sum())
+        seen += len(idx)
     model.eval()
     return TrainResult(float(np.mean(losses)), seen, time.perf_counter() - start)
 

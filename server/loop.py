@@ -131,8 +131,8 @@ def sample(registry: Registry, per_round: Mapping[str, int], seed: int, server_r
 class Federation:
     """Server state of one run: global shared state, registry, outputs."""
 
-    def __init__(self, grid: Grid, run: RunConfig) -> None:
-        self.grid, self.run = grid, run
+    def __init__(self, grid: Grid, run: RunConfig, run_id: int = 0) -> None:
+        self.grid, self.run, self.run_id = grid, run, run_id
         self.tasks = run.scenario.tasks
         self.out = _out_dir(run)
         self.registry = Registry()
@@ -195,9 +195,22 @@ class Federation:
         return {t: finalize(t, s) for t, s in sums.items() if s}
 
     # -- one round ----------------------------------------------------------------------
+    def task_shapes(self, task: str) -> dict[str, tuple[int, ...]]:
+        prefix = f"{task}/"
+        return {k[len(prefix) :]: s for k, s in self.shapes.items() if k.startswith(prefix)}
+
+    def task_record(self, task: str) -> ArrayRecord:
+        return _record(task_slice(self.state, task))
+
     def train_round(self, server_round: int) -> dict[str, Any]:
         start = time.perf_counter()
         chosen = sample(self.registry, self.run.scenario.per_round, self.run.seed, server_round)
+        if self.run.secure_aggregation:
+            from server.secagg import secure_train_round
+
+            stats = secure_train_round(self, server_round, chosen)
+            stats["train_wall_seconds"] = time.perf_counter() - start
+            return stats
         records = {t: _record(task_slice(self.state, t)) for t in self.tasks}
         messages, download = [], 0
         for node in chosen:
@@ -211,7 +224,7 @@ class Federation:
                 )
             )
             download += records[task].count_bytes()
-        sums = {t: aggregation.init() for t in self.tasks}
+        total = aggregation.init()
         participants: dict[str, int] = {}
         losses: dict[str, list[float]] = {}
         upload, failures, rejected = 0, 0, 0
@@ -235,18 +248,13 @@ class Federation:
                 )
                 continue
             metrics = reply.content["metrics"]
-            delta = {k: v.numpy() for k, v in reply.content["arrays"].items()}
-            aggregation.accumulate(
-                sums[info.task],
-                {f"{info.task}/{k}": v for k, v in delta.items()},
-                float(metrics["num-examples"]),
-            )
+            contrib = {f"{info.task}/{k}": v.numpy() for k, v in reply.content["arrays"].items()}
+            aggregation.add(total, contrib)
             upload += reply.content["arrays"].count_bytes()
             participants[info.device_class] = participants.get(info.device_class, 0) + 1
             losses.setdefault(info.task, []).append(float(metrics["train_loss"]))
-            del delta  # folded into the running sum
-        for task_sum in sums.values():
-            self.state = aggregation.apply(task_sum, self.state)
+            del contrib, reply  # folded into the running sum: memory does not grow with devices
+        self.state = aggregation.apply(total, self.state)
         missing = len(chosen) - sum(participants.values()) - failures - rejected
         return {
             "sampled": len(chosen),
@@ -271,7 +279,7 @@ class Federation:
             update = {k: v.numpy() for k, v in content["arrays"].items()}
         except Exception as exc:  # a hostile or corrupt array payload
             return f"unreadable arrays ({exc})"
-        return aggregation.validate_update(update, expected, float(metrics.get("num-examples", 0)))
+        return aggregation.validate_contribution(update, expected, self.run.max_weight)
 
     # -- outputs ------------------------------------------------------------------------
     def write(self, entry: dict[str, Any]) -> None:
@@ -306,9 +314,11 @@ class Federation:
         )
 
 
-def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> Path:
+def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -> Path:
     run = RunConfig.parse(run_config)
-    fed = Federation(grid, run)
+    fed = Federation(grid, run, run_id)
+    if not run.secure_aggregation:
+        log(WARNING, "fedge: secure-aggregation = false: the server sees every device's individual update")
     log(INFO, "fedge: scenario %s, %d rounds, output %s", run.scenario.name, run.rounds, fed.out)
     # Warm the data caches here, once, before devices ask for them concurrently.
     for task in fed.tasks:

@@ -17,7 +17,7 @@ def main(grid: Grid, context: Context) -> None:
     from server.loop import run_federation
 
     try:
-        run_federation(grid, context.run_config)
+        run_federation(grid, context.run_config, context.run_id)
     except FedgeError as exc:
         log(ERROR, "fedge: %s", exc)
         raise SystemExit(f"fedge: {exc}") from None

@@ -42,11 +42,22 @@ def text_tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(minilm_dir()))
 
 
-def load_text_backbone() -> BertModel:
-    """A fresh frozen MiniLM `BertModel` (no pooler), from the process-wide weight cache."""
+def load_text_backbone(share_frozen: bool = False) -> BertModel:
+    """A fresh frozen MiniLM `BertModel` (no pooler), from the process-wide weight cache.
+
+    `share_frozen`: the copy's modules are its own, but its weights and buffers are the
+    prototype's tensors (read-only by contract), so the phone and TV models of every rank in a
+    process hold MiniLM's ~90 MB once. Whoever changes a weight of such a copy must first give
+    that module its own tensor (as `federation.model.edge` does for the layers it merges into).
+    """
     import copy
 
-    return copy.deepcopy(_text_backbone_prototype())
+    prototype = _text_backbone_prototype()
+    memo: dict[int, object] = {}
+    if share_frozen:
+        for tensor in (*prototype.parameters(), *prototype.buffers()):
+            memo[id(tensor)] = tensor
+    return copy.deepcopy(prototype, memo)
 
 
 @functools.lru_cache(maxsize=1)

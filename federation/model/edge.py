@@ -10,14 +10,17 @@
 - sensor (exercise recognition): the compact pretrained IMU encoder + LoRA and a linear head.
 
 The *shared state* of a task is a flat dict of named arrays: its LoRA B matrices
-(`lora.<module path>`) and head parameters (`head.<name>`). A is not part of it: it is derived
-from the run seed (see `federation.model.lora`).
+(`lora.<module path>`, r_max columns) and head parameters (`head.<name>`). A is not part of it:
+it is derived from the run seed (see `federation.model.lora`). A task model may be built at a
+device's own rank r <= r_max: it reads and writes the same r_max-wide shared state, trains only
+the first r columns of each B, and holds the other r_max - r merged into frozen weights.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,14 @@ import torch
 from torch import nn
 
 from federation.data.common import stable_seed
-from federation.model.lora import LoraSettings, lora_b_parameters, wrap_with_lora
+from federation.model.lora import (
+    LoraSettings,
+    lora_b_parameters,
+    lora_layers,
+    lora_product,
+    shared_a,
+    wrap_with_lora,
+)
 
 TASKS: tuple[str, ...] = ("phone", "tv", "sensor")
 TEXT_HIDDEN = 384
@@ -38,46 +48,109 @@ def _shared_key(param_name: str) -> str:
     return "lora." + param_name.removeprefix("base_model.model.").replace(".default", "")
 
 
+@dataclass
+class _Tail:
+    """The columns r..r_max of one global adapter that a rank-r model holds frozen (merged)."""
+
+    base: nn.Module  # the wrapped layer: weight = pristine + scaling * B[:, r:] A[r:]
+    pristine: torch.Tensor  # the pretrained weight, never written (shared across models)
+    a: torch.Tensor  # A[r:], frozen
+    b: torch.Tensor  # the global B[:, r:] last loaded
+    scaling: float
+
+
 class TaskModel(nn.Module):
-    """Common plumbing: a peft-wrapped backbone (`self.backbone`) and a head (`self.head`)."""
+    """Common plumbing: a peft-wrapped backbone (`self.backbone`) and a head (`self.head`).
+
+    `rank` is the number of B columns this model trains, `r_max` the global adapter's.
+    """
 
     task: str
     backbone: nn.Module
     head: nn.Module
+    rank: int
+    r_max: int
+
+    def _init_rank(self, lora: LoraSettings, seed: int, rank: int) -> None:
+        """After `self.backbone` is wrapped at `rank`: set up the frozen tail of each adapter.
+
+        Each wrapped layer of a rank-r model (r < r_max) gets its own copy of its base weight,
+        into which the global tail is merged on every `load_shared_state`; the pretrained
+        weight itself is kept (once per process: it is the shared backbone's) and never
+        written, so merges do not accumulate.
+        """
+        self.rank, self.r_max = rank, lora.rank
+        self._tails: dict[str, _Tail] = {}
+        if rank == lora.rank:
+            return
+        for layer_name, layer in lora_layers(self.backbone).items():
+            key = _shared_key(f"{layer_name}.lora_B.default.weight")
+            b = layer.lora_B["default"].weight
+            base = layer.get_base_layer()
+            pristine = base.weight.detach()
+            base.weight = nn.Parameter(pristine.clone(), requires_grad=False)
+            self._tails[key] = _Tail(
+                base=base,
+                pristine=pristine,
+                a=shared_a(seed, self.task, layer_name, layer, lora.rank)[rank:],
+                b=torch.zeros((b.shape[0], lora.rank - rank, *b.shape[2:]), dtype=b.dtype),
+                scaling=float(layer.scaling["default"]),
+            )
 
     def _lora_params(self) -> dict[str, nn.Parameter]:
         return {_shared_key(n): p for n, p in lora_b_parameters(self.backbone).items()}
 
     def shared_parameters(self) -> dict[str, nn.Parameter]:
-        """Everything the server aggregates, by shared-state key."""
+        """What this model trains of the shared state, by key: B[:, :rank] of each adapter + head."""
         params = self._lora_params()
         params.update({f"head.{n}": p for n, p in self.head.named_parameters()})
         return params
 
     def shared_state(self) -> dict[str, np.ndarray]:
-        return {k: p.detach().cpu().numpy().copy() for k, p in self.shared_parameters().items()}
+        """The shared state this model computes with: each B r_max wide (trained + frozen tail)."""
+        state = {}
+        for key, param in self.shared_parameters().items():
+            value = param.detach().cpu()
+            if key in self._tails:
+                value = torch.cat([value, self._tails[key].b], dim=1)
+            state[key] = value.numpy().copy()
+        return state
 
     def shared_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(p.shape) for k, p in self.shared_parameters().items()}
+        """Shapes of the shared state (B with r_max columns), whatever this model's rank."""
+        shapes = {key: tuple(p.shape) for key, p in self.shared_parameters().items()}
+        for key in self._lora_params():
+            shapes[key] = (shapes[key][0], self.r_max, *shapes[key][2:])
+        return shapes
 
     def load_shared_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Set the shared parameters; keys and shapes must match exactly."""
-        params = self.shared_parameters()
+        """Set the shared parameters (and merge each B's frozen tail); keys and shapes must match."""
+        params, shapes = self.shared_parameters(), self.shared_shapes()
         missing, extra = set(params) - set(state), set(state) - set(params)
         if missing or extra:
             raise ValueError(
                 f"{self.task} state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
             )
-        for key, param in params.items():  # check everything before changing anything
+        for key, expected in shapes.items():  # check everything before changing anything
             shape = tuple(np.shape(state[key]))
-            if shape != tuple(param.shape):
-                raise ValueError(f"{self.task} state {key}: shape {shape} != {tuple(param.shape)}")
+            if shape != expected:
+                raise ValueError(f"{self.task} state {key}: shape {shape} != {expected}")
         with torch.no_grad():
             for key, param in params.items():
-                param.copy_(torch.as_tensor(np.asarray(state[key]), dtype=param.dtype))
+                value = torch.as_tensor(np.asarray(state[key]), dtype=param.dtype)
+                tail = self._tails.get(key)
+                if tail is None:
+                    param.copy_(value)
+                    continue
+                param.copy_(value[:, : self.rank])
+                tail.b = value[:, self.rank :].clone()
+                merged = tail.pristine + tail.scaling * lora_product(tail.b, tail.a).to(tail.pristine.dtype)
+                tail.base.weight.copy_(merged)
 
     def export_adapter(self, directory: Path) -> None:
         """Save the LoRA adapter in PEFT format (loads with `PeftModel.from_pretrained`)."""
+        if self.rank != self.r_max:
+            raise ValueError(f"export the r_max = {self.r_max} model, not a rank-{self.rank} one")
         self.backbone.save_pretrained(str(directory))
 
 
@@ -86,12 +159,14 @@ class PhoneModel(TaskModel):
 
     task = "phone"
 
-    def __init__(self, lora: LoraSettings, seed: int) -> None:
+    def __init__(self, lora: LoraSettings, seed: int, rank: int | None = None) -> None:
         super().__init__()
         from federation.model.backbones import load_text_backbone
 
-        backbone = load_text_backbone()
-        self.backbone = wrap_with_lora(backbone, lora, seed, "phone")
+        rank = lora.rank if rank is None else rank
+        backbone = load_text_backbone(share_frozen=True)
+        self.backbone = wrap_with_lora(backbone, lora, seed, "phone", rank)
+        self._init_rank(lora, seed, rank)
         self.head = nn.ModuleDict(
             {
                 "dense": nn.Linear(TEXT_HIDDEN, TEXT_HIDDEN),
@@ -121,12 +196,14 @@ class TVModel(TaskModel):
 
     task = "tv"
 
-    def __init__(self, lora: LoraSettings, seed: int, user_dim: int = 16) -> None:
+    def __init__(self, lora: LoraSettings, seed: int, user_dim: int = 16, rank: int | None = None) -> None:
         super().__init__()
         from federation.model.backbones import load_text_backbone
 
+        rank = lora.rank if rank is None else rank
         self.user_dim = user_dim
-        self.backbone = wrap_with_lora(load_text_backbone(), lora, seed, "tv")
+        self.backbone = wrap_with_lora(load_text_backbone(share_frozen=True), lora, seed, "tv", rank)
+        self._init_rank(lora, seed, rank)
         self.head = nn.ModuleDict({"item": nn.Linear(TEXT_HIDDEN, user_dim + 1)})
         self.head.register_parameter("global_bias", nn.Parameter(torch.zeros(1)))
         _seeded_init(self.head, seed, "tv-head")
@@ -155,12 +232,14 @@ class SensorModel(TaskModel):
 
     task = "sensor"
 
-    def __init__(self, lora: LoraSettings, seed: int, n_classes: int = 7) -> None:
+    def __init__(self, lora: LoraSettings, seed: int, n_classes: int = 7, rank: int | None = None) -> None:
         super().__init__()
         from federation.model.imu import FEATURES, load_imu_encoder
 
+        rank = lora.rank if rank is None else rank
         settings = LoraSettings(rank=lora.rank, alpha=lora.alpha, targets=SENSOR_LORA_TARGETS)
-        self.backbone = wrap_with_lora(load_imu_encoder(), settings, seed, "sensor")
+        self.backbone = wrap_with_lora(load_imu_encoder(), settings, seed, "sensor", rank)
+        self._init_rank(settings, seed, rank)
         # The frozen encoder's features are large (tens) and uncalibrated for a fresh head:
         # normalising them first keeps the first rounds' logits sane.
         self.head = nn.ModuleDict({"norm": nn.LayerNorm(FEATURES), "out": nn.Linear(FEATURES, n_classes)})
@@ -182,21 +261,36 @@ def _seeded_init(module: nn.Module, seed: int, key: str) -> None:
                 p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
 
 
-def build_task_model(task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16) -> TaskModel:
-    """A fresh task model at the pretrained start (B = 0, seeded heads)."""
+def build_task_model(
+    task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16, rank: int | None = None
+) -> TaskModel:
+    """A fresh task model at the pretrained start (B = 0, seeded heads).
+
+    `rank`: the columns of each B it trains (default: all, r_max = `lora.rank`); its shared
+    state is r_max wide either way.
+    """
+    rank = lora.rank if rank is None else rank
+    if not 1 <= rank <= lora.rank:
+        raise ValueError(f"a task model's rank must lie in 1..{lora.rank} (r_max), got {rank}")
     if task == "phone":
-        return PhoneModel(lora, seed)
+        return PhoneModel(lora, seed, rank)
     if task == "tv":
-        return TVModel(lora, seed, tv_user_dim)
+        return TVModel(lora, seed, tv_user_dim, rank)
     if task == "sensor":
-        return SensorModel(lora, seed)
+        return SensorModel(lora, seed, rank=rank)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
-@functools.lru_cache(maxsize=8)
-def cached_task_model(task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16) -> TaskModel:
-    """One task model per process and setting; callers load the round's shared state into it."""
-    return build_task_model(task, lora, seed, tv_user_dim)
+def cached_task_model(
+    task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16, rank: int | None = None
+) -> TaskModel:
+    """One task model per process, setting and rank; callers load the round's shared state into it."""
+    return _cached_task_model(task, lora, seed, tv_user_dim, lora.rank if rank is None else rank)
+
+
+@functools.lru_cache(maxsize=16)  # 3 tasks x a few ranks
+def _cached_task_model(task: str, lora: LoraSettings, seed: int, tv_user_dim: int, rank: int) -> TaskModel:
+    return build_task_model(task, lora, seed, tv_user_dim, rank)
 
 
 def initial_state(
