@@ -65,6 +65,8 @@ def checkin(msg: Message, context: Context) -> Message:
     info = ConfigRecord(
         {"device-class": device.device_class, "task": device.task, "data-client": device.data_client}
     )
+    info["tier"] = device.tier  # hardware tier (device catalogue)
+    info["rank"] = device.rank  # the tier's LoRA rank
     metrics = MetricRecord({"num-train-examples": num_train_examples(device, data)})
     return Message(RecordDict({"device": info, "metrics": metrics}), reply_to=msg)
 
@@ -97,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
 
     _, _, result, server_round = train_locally(msg, context)
     # The upload is the device's contribution to the round's sum: weighted delta + weights.
-    upload = contribution(result.delta, result.metrics["num-examples"])
+    upload = contribution(result.delta, result.metrics["num-examples"], rank=result.rank)
     arrays = ArrayRecord({k: _array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in upload.items()})
     metrics = dict(result.metrics)
     metrics["server-round"] = server_round

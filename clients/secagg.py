@@ -88,12 +88,12 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 
     _forget(context)  # a new round: never reuse a previous round's secrets
     params = _params(msg, context)
-    _, device, result, server_round = train_locally(msg, context)
+    _, _, result, server_round = train_locally(msg, context)
     if params.server_round != server_round:
         raise ValueError("secure-aggregation parameters are for another round")
     shapes = {k: tuple(v.shape) for k, v in result.delta.items()}
     weight = int(result.metrics["num-examples"])
-    encoded = encode_update(result.delta, weight, shapes, params, rank=getattr(device, "rank", None))
+    encoded = encode_update(result.delta, weight, shapes, params, rank=result.rank)
     session, c_public, s_public = device_keys(params, int(msg.content["config"]["sa-my-id"]))
     _save_session(context, session)
     context.state[ENCODED] = ArrayRecord({"x": Array(encoded)})

@@ -46,8 +46,9 @@ def contribution(
 ) -> dict[str, np.ndarray]:
     """One device's upload: weighted deltas plus the weights behind them.
 
-    `rank`: the columns of each B the device trained (None: all). Columns beyond it must be
-    zero in `delta` (a rank-r device holds no parameters there).
+    `rank`: the columns of each B the device trained (None, or at least r_max: all of them; a
+    device's rank is capped by the model's). Columns beyond it must be zero in `delta` (a
+    rank-r device holds no parameters there).
     """
     if not (np.isfinite(weight) and weight > 0):
         raise ValueError(f"aggregation weight must be a positive number, got {weight}")
@@ -56,8 +57,8 @@ def contribution(
         value = np.asarray(value, dtype=np.float32)
         if is_column_key(key):
             r_max = value.shape[1]
-            r = r_max if rank is None else rank
-            if not 1 <= r <= r_max:
+            r = r_max if rank is None else min(rank, r_max)
+            if r < 1:
                 raise ValueError(f"rank {r} is outside 1..{r_max} for {key}")
             if np.any(value[:, r:] != 0):
                 raise ValueError(f"{key} has non-zero columns beyond the device's rank {r}")

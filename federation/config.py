@@ -97,7 +97,7 @@ class RunConfig:
             cache_dir=_get(cfg, "cache-dir", str, ""),
             round_timeout=_get(cfg, "round-timeout", float, 600.0, "positive"),
             client_threads=_get(cfg, "client-threads", int, 1, "positive"),
-            federated_eval_every=_get(cfg, "federated-eval-every", int, 4, "nonneg"),
+            federated_eval_every=_get(cfg, "federated-eval-every", int, 4),
             initial_checkpoint=_get(cfg, "initial-checkpoint", str, ""),
             local_steps=steps,
             max_weight=_get(cfg, "max-weight", float, 100_000.0, "positive"),

@@ -18,6 +18,7 @@ These are simulation draws, not cryptographic randomness.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import tomllib
@@ -199,6 +200,35 @@ def load_catalogue(path: Path | None = None, max_rank: int = 8) -> dict[tuple[st
                 # Name the file too: a scenario may point at its own catalogue.
                 raise FedgeError(f"{path}: {exc}") from None
     return catalogue
+
+
+@functools.lru_cache(maxsize=1)
+def default_catalogue() -> dict[tuple[str, str], DeviceProfile]:
+    """`devices.toml` beside this module, loaded once per process (do not mutate the dict)."""
+    return load_catalogue()
+
+
+def class_tiers(
+    device_class: str, catalogue: Mapping[tuple[str, str], DeviceProfile] | None = None
+) -> list[str]:
+    """The tiers of a device class, in catalogue order (empty for an unknown class)."""
+    catalogue = default_catalogue() if catalogue is None else catalogue
+    return [tier for cls, tier in catalogue if cls == device_class]
+
+
+def top_tier(device_class: str, catalogue: Mapping[tuple[str, str], DeviceProfile] | None = None) -> str:
+    """The class's most capable tier: largest LoRA rank, then compute, then memory."""
+    catalogue = default_catalogue() if catalogue is None else catalogue
+    tiers = class_tiers(device_class, catalogue)
+    if not tiers:
+        known = sorted({cls for cls, _ in catalogue})
+        raise FedgeError(f"device class {device_class!r} is not in the device catalogue: use one of {known}")
+
+    def capability(tier: str) -> tuple[int, float, float]:
+        p = catalogue[(device_class, tier)]
+        return p.lora_rank, p.compute_gflops, p.memory_mb
+
+    return max(tiers, key=capability)
 
 
 def _hour_index(hour: float) -> int:

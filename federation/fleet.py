@@ -1,21 +1,25 @@
-"""Who each device is: its class, its task and which real data client it holds.
+"""Who each device is: its class, its hardware tier (hence its LoRA rank), its task and which
+real data client it holds.
 
-In simulation a node knows only its `partition-id`; the scenario maps it onto the fleet. In
-deployment a SuperNode says it with `--node-config "device-class='phone' data-client='hamlet/HAM'"`
-(or `device-class` + `partition-id`, the index within its class).
+In simulation a node knows only its `partition-id`; the scenario maps it onto the fleet (class,
+tier, data client). In deployment a SuperNode says it with
+`--node-config "device-class='phone' tier='mid' data-client='hamlet/HAM'"` (or `device-class` +
+`partition-id`, the index within its class; without `tier`, the scenario's tier for that index,
+else the class's top tier).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from federation.data.common import stable_seed
+from federation.devices import class_tiers, default_catalogue, top_tier
 from federation.errors import FedgeError
 from federation.scenarios import DEVICE_TASK, Scenario, fleet_order
 
@@ -24,6 +28,23 @@ from federation.scenarios import DEVICE_TASK, Scenario, fleet_order
 class Device:
     device_class: str
     data_client: str
+    tier: str = ""  # hardware tier in the device catalogue; "" -> the class's top tier
+    rank: int = field(init=False)  # the tier's LoRA rank (`lora_rank` in devices.toml)
+
+    def __post_init__(self) -> None:
+        if self.device_class not in DEVICE_TASK:
+            raise FedgeError(
+                f"unknown device class {self.device_class!r}: use one of {', '.join(DEVICE_TASK)}"
+            )
+        tier = self.tier or top_tier(self.device_class)
+        profile = default_catalogue().get((self.device_class, tier))
+        if profile is None:
+            raise FedgeError(
+                f"unknown tier {tier!r} of {self.device_class}: use one of "
+                f"{', '.join(class_tiers(self.device_class))}"
+            )
+        object.__setattr__(self, "tier", tier)
+        object.__setattr__(self, "rank", profile.lora_rank)
 
     @property
     def task(self) -> str:
@@ -70,20 +91,38 @@ def device_for_partition(scenario: Scenario, partition_id: int, seed: int, cache
         )
     device_class, index = order[partition_id]
     clients = fleet_data_clients(device_class, scenario.fleet[device_class], seed, cache)
-    return Device(device_class, clients[index])
+    return Device(device_class, clients[index], scenario.tier_of(device_class, index))
+
+
+def _node_tier(node_config: Mapping[str, Any], device_class: str, default: str) -> str:
+    tier = node_config.get("tier")
+    if tier is None:
+        return default
+    tiers = class_tiers(device_class)
+    if str(tier) not in tiers:
+        raise FedgeError(
+            f"node config tier={tier!r} is not a {device_class} tier: use one of {', '.join(tiers)}"
+        )
+    return str(tier)
 
 
 def device_from_node_config(
     node_config: Mapping[str, Any], scenario: Scenario, seed: int, cache: str = ""
 ) -> Device:
-    """Resolve a node's device from its node config (simulation or deployment)."""
+    """Resolve a node's device from its node config (simulation or deployment).
+
+    `tier` in the node config, where given, overrides the tier the scenario assigns.
+    """
     device_class = node_config.get("device-class")
     if device_class is None:
         if "partition-id" not in node_config:
             raise FedgeError(
                 "node config needs device-class (+ data-client or partition-id) or a partition-id"
             )
-        return device_for_partition(scenario, int(node_config["partition-id"]), seed, cache)
+        device = device_for_partition(scenario, int(node_config["partition-id"]), seed, cache)
+        return Device(
+            device.device_class, device.data_client, _node_tier(node_config, device.device_class, device.tier)
+        )
     device_class = str(device_class)
     if device_class not in DEVICE_TASK:
         raise FedgeError(f"node config device-class={device_class!r}: use one of {', '.join(DEVICE_TASK)}")
@@ -93,27 +132,33 @@ def device_from_node_config(
             raise FedgeError(
                 f"node config data-client={client!r} is not a {device_class} client of the dataset"
             )
-        return Device(device_class, client)
+        return Device(device_class, client, _node_tier(node_config, device_class, ""))
     index = int(node_config.get("partition-id", 0))
+    in_fleet = index < scenario.fleet.get(device_class, 0)
+    tier = _node_tier(node_config, device_class, scenario.tier_of(device_class, index) if in_fleet else "")
     count = max(scenario.fleet.get(device_class, 0), index + 1)
-    return Device(device_class, fleet_data_clients(device_class, count, seed, cache)[index])
+    return Device(device_class, fleet_data_clients(device_class, count, seed, cache)[index], tier)
 
 
-@functools.lru_cache(maxsize=64)
 def load_device_data(device: Device, seed: int, seq_len: int = 32, cache: str = "") -> Any:
     """The device's own train + held-out data (tokenised/windowed once, cached on disk)."""
+    return _load_client_data(device.task, device.data_client, seed, seq_len, cache)
+
+
+@functools.lru_cache(maxsize=64)  # by data client, not by device: a tier does not change the data
+def _load_client_data(task: str, data_client: str, seed: int, seq_len: int, cache: str) -> Any:
     cache_path = Path(cache) if cache else None
-    if device.task == "phone":
+    if task == "phone":
         from federation.data.phone import load_phone_client
 
-        return load_phone_client(device.data_client, seed, seq_len=seq_len, cache=cache_path)
-    if device.task == "tv":
+        return load_phone_client(data_client, seed, seq_len=seq_len, cache=cache_path)
+    if task == "tv":
         from federation.data.tv import load_tv_client
 
-        return load_tv_client(device.data_client, seed, cache=cache_path)
+        return load_tv_client(data_client, seed, cache=cache_path)
     from federation.data.sensor import load_sensor_client
 
-    return load_sensor_client(device.data_client, seed)
+    return load_sensor_client(data_client, seed)
 
 
 def num_train_examples(device: Device, data: Any) -> int:

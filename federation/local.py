@@ -2,6 +2,11 @@
 
 This is what the ClientApp runs on a device, and what `fedge bench overhead` runs directly in
 one process as the no-framework limit. No Flower here.
+
+A device trains at its own LoRA rank r (its tier's, capped by the model's r_max): a rank-r task
+model computes with the whole global adapter but trains, and holds optimizer state for, only
+the first r columns of each B; its delta is returned zero-padded to r_max, ready for
+`federation.aggregation.contribution(delta, weight, rank=r)`. Evaluation uses the r_max model.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from federation.aggregation import is_column_key
 from federation.config import RunConfig
 from federation.fleet import Device
 from federation.model.edge import TaskModel, TVModel, cached_task_model
@@ -30,13 +36,20 @@ from federation.training import (
 
 @dataclass
 class LocalResult:
-    delta: dict[str, np.ndarray]  # new shared state - received shared state
+    delta: dict[str, np.ndarray]  # new shared state - received shared state (B: 0 beyond `rank`)
     metrics: dict[str, float]
     private: np.ndarray | None  # the device's private part after training (TV), kept on device
+    rank: int  # the columns of each B the device trained
 
 
-def task_model(run: RunConfig, task: str) -> TaskModel:
-    return cached_task_model(task, run.lora, run.seed, run.tv_user_dim)
+def task_model(run: RunConfig, task: str, rank: int | None = None) -> TaskModel:
+    """The process's task model at `rank` (default r_max: what the server and evaluation use)."""
+    return cached_task_model(task, run.lora, run.seed, run.tv_user_dim, rank)
+
+
+def training_rank(run: RunConfig, device: Device) -> int:
+    """The columns of B a device trains: its tier's rank, capped by the model's r_max."""
+    return min(device.rank, run.lora.rank)
 
 
 def _tv_tokens(run: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,8 +73,9 @@ def local_train(
     server_round: int,
     private: np.ndarray | None = None,
 ) -> LocalResult:
-    """Train the device's task model on its own training split, starting from `shared`."""
-    model = task_model(run, device.task)
+    """Train the device's task model, at the device's rank, on its own training split, from `shared`."""
+    rank = training_rank(run, device)
+    model = task_model(run, device.task, rank)
     model.load_shared_state(shared)
     seed = round_seed(run.seed, device.data_client, server_round)
     settings = run.train_for(device.device_class)
@@ -80,12 +94,15 @@ def local_train(
         result = train_sensor(model, data.train_x, data.train_y, settings, seed)  # type: ignore[arg-type]
     after = model.shared_state()
     delta = {k: (after[k] - np.asarray(v, dtype=after[k].dtype)) for k, v in shared.items()}
+    for key in delta:
+        if is_column_key(key):
+            delta[key][:, rank:] = 0.0  # the frozen tail: the device did not train it
     metrics = {
         "train_loss": result.loss,
         "num-examples": float(result.num_examples),
         "train_seconds": result.train_seconds,
     }
-    return LocalResult(delta, metrics, new_private)
+    return LocalResult(delta, metrics, new_private, rank)
 
 
 def local_evaluate(

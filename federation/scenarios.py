@@ -1,9 +1,16 @@
 """Named scenarios: which fleet, how many devices per round, how long.
 
-A scenario is data. `fleet` counts devices per class; partition ids of a Flower simulation are
-mapped onto the fleet interleaved (phone, tv, sensor, phone, ...) so that any prefix of the
-nodes is a mixed fleet. Which real data client (Shakespeare role, MovieLens viewer, watch
-subject) each device holds is drawn from the seed.
+A scenario is data. Its fleet counts the devices registered per class and hardware tier
+(`"phone/low"`, ...; a bare class such as `"tv"` means its top tier): `Scenario.tiers` keeps
+those counts, `Scenario.fleet` the counts per class. The server samples per class
+(`per_round`); a class's sampled devices follow its tier mix in expectation. Partition ids of a
+Flower simulation are mapped onto the fleet interleaved (phone, tv, sensor, phone, ...) so that
+any prefix of the nodes is a mixed fleet, and within a class the tiers are dealt round-robin
+(low, mid, high, low, ...), so that neither a prefix nor the data clients' order lines up with a
+tier. Which real data client (Shakespeare role, MovieLens viewer, watch subject) each device
+holds is drawn from the seed.
+
+A device's tier sets its LoRA rank (`devices.toml`): a mixed-tier fleet is a mixed-rank fleet.
 """
 
 from __future__ import annotations
@@ -15,11 +22,52 @@ from federation.errors import FedgeError
 DEVICE_TASK: dict[str, str] = {"phone": "phone", "tv": "tv", "sensor": "sensor"}
 
 
+def _positive_counts(where: str, counts: dict[str, int]) -> None:
+    for key, n in counts.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise FedgeError(f"{where} `{key}` must be a non-negative integer, got {n!r}")
+
+
+def _tier_counts(where: str, counts: dict[str, int]) -> dict[str, int]:
+    """`{"class/tier": n}` (n > 0) from counts keyed `"class/tier"` or `"class"` (its top tier)."""
+    from federation.devices import class_tiers, top_tier
+
+    tiers: dict[str, int] = {}
+    for key, n in counts.items():
+        device_class, _, tier = key.partition("/")
+        if device_class not in DEVICE_TASK:
+            raise FedgeError(f"{where} unknown device class in `{key}`: use one of {', '.join(DEVICE_TASK)}")
+        tier = tier or top_tier(device_class)
+        if tier not in class_tiers(device_class):
+            known = ", ".join(class_tiers(device_class))
+            raise FedgeError(f"{where} unknown tier `{key}`: {device_class} tiers are {known}")
+        name = f"{device_class}/{tier}"
+        if name in tiers:
+            raise FedgeError(f"{where} `{name}` is named twice in the fleet")
+        if n:
+            tiers[name] = n
+    return tiers
+
+
+def _class_counts(tiers: dict[str, int]) -> dict[str, int]:
+    fleet: dict[str, int] = {}
+    for key, n in tiers.items():
+        device_class = key.partition("/")[0]
+        fleet[device_class] = fleet.get(device_class, 0) + n
+    return fleet
+
+
 @dataclass(frozen=True)
 class Scenario:
+    """A named run setting. `fleet` is given per class and tier, e.g. `{"phone/low": 6,
+    "phone/high": 4, "tv": 12}` (a bare class: its top tier); after construction `fleet` holds
+    the counts per class (what sampling, the partition order and data draws need) and `tiers`
+    the counts per `"class/tier"`. Passing `tiers` too (as `dataclasses.replace` does) keeps it
+    where it agrees with `fleet`."""
+
     name: str
     description: str
-    fleet: dict[str, int]  # device class -> devices registered
+    fleet: dict[str, int]  # "class/tier" (or "class": its top tier) -> devices registered
     per_round: dict[str, int]  # device class -> devices sampled each round
     rounds: int
     # local training steps per round by device class: a watch's tiny CNN step costs ~1/50 of
@@ -27,6 +75,24 @@ class Scenario:
     local_steps: dict[str, int]
     # caps on the server-side held-out evaluation per task (sequences / windows), drawn by seed
     eval_cap: dict[str, int] = field(default_factory=lambda: {"phone": 1024, "sensor": 100_000})
+    tiers: dict[str, int] | None = None  # "class/tier" -> devices registered (derived from `fleet`)
+
+    def __post_init__(self) -> None:
+        where = f"scenario {self.name!r}:"
+        _positive_counts(f"{where} fleet count for", self.fleet)
+        _positive_counts(f"{where} per-round count for", self.per_round)
+        tiers = _tier_counts(where, self.fleet)
+        if self.tiers is not None:
+            given = _tier_counts(where, self.tiers)
+            if _class_counts(given) == _class_counts(tiers) and all("/" not in k for k in self.fleet):
+                tiers = given  # `fleet` per class, as stored: the tiers say how each class splits
+        fleet = _class_counts(tiers)
+        for key in self.per_round:
+            if key not in fleet:
+                hint = " (the server samples per class)" if "/" in key else ""
+                raise FedgeError(f"{where} per_round names `{key}`, not a class of its fleet{hint}")
+        object.__setattr__(self, "tiers", tiers)
+        object.__setattr__(self, "fleet", fleet)
 
     @property
     def size(self) -> int:
@@ -36,21 +102,53 @@ class Scenario:
     def tasks(self) -> tuple[str, ...]:
         return tuple(t for t in ("phone", "tv", "sensor") if any(DEVICE_TASK[c] == t for c in self.fleet))
 
+    def class_tiers(self, device_class: str) -> dict[str, int]:
+        """`{tier: count}` of one class in this fleet, in the order the scenario names them."""
+        prefix = f"{device_class}/"
+        return {k[len(prefix) :]: n for k, n in (self.tiers or {}).items() if k.startswith(prefix)}
+
+    def tier_of(self, device_class: str, index: int) -> str:
+        """The tier of the `index`-th device of a class: tiers dealt round-robin, O(tiers)."""
+        counts = self.class_tiers(device_class)
+        if not 0 <= index < sum(counts.values()):
+            raise IndexError(f"{device_class} device {index} outside the fleet's {sum(counts.values())}")
+        names = list(counts)
+        dealt = 0  # full rounds dealt so far: every tier with more devices took one per round
+        for level in sorted(set(counts.values())):
+            active = [t for t in names if counts[t] > dealt]
+            span = (level - dealt) * len(active)
+            if index < span:
+                return active[index % len(active)]
+            index -= span
+            dealt = level
+        raise AssertionError("unreachable")
+
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
         Scenario(
             name="smart-home",
-            description="a mixed home fleet: 16 phones, 12 TVs, 8 watches; 12 devices per round",
-            fleet={"phone": 16, "tv": 12, "sensor": 8},
+            description=(
+                "a mixed home fleet: 16 phones (LoRA rank 2/4/8 by tier), 12 TVs (4/8), "
+                "8 watches (2/4); 12 devices per round"
+            ),
+            fleet={
+                "phone/low": 6,
+                "phone/mid": 6,
+                "phone/high": 4,
+                "tv/mid": 8,
+                "tv/high": 4,
+                "sensor/low": 4,
+                "sensor/high": 4,
+            },
             per_round={"phone": 4, "tv": 4, "sensor": 4},
             rounds=12,
             local_steps={"phone": 10, "tv": 10, "sensor": 30},
         ),
         Scenario(
             name="bench",
-            description="fedge bench overhead: 10 devices, all of them every round",
+            description="fedge bench overhead: 10 top-tier devices, all of them every round",
             fleet={"phone": 4, "tv": 3, "sensor": 3},
             per_round={"phone": 4, "tv": 3, "sensor": 3},
             rounds=3,
@@ -58,9 +156,26 @@ SCENARIOS: dict[str, Scenario] = {
             eval_cap={"phone": 64, "sensor": 100_000},
         ),
         Scenario(
+            name="bench-50",
+            description="fedge bench secagg: 50 devices, all of them every round",
+            fleet={"phone": 20, "tv": 15, "sensor": 15},
+            per_round={"phone": 20, "tv": 15, "sensor": 15},
+            rounds=3,
+            local_steps={"phone": 10, "tv": 10, "sensor": 30},
+            eval_cap={"phone": 64, "sensor": 100_000},
+        ),
+        Scenario(
             name="smoke",
-            description="a quick check of the whole pipeline: 8 devices, 2 rounds",
-            fleet={"phone": 3, "tv": 3, "sensor": 2},
+            description="a quick check of the whole pipeline: 8 devices of mixed ranks, 2 rounds",
+            fleet={
+                "phone/low": 1,
+                "phone/mid": 1,
+                "phone/high": 1,
+                "tv/mid": 2,
+                "tv/high": 1,
+                "sensor/low": 1,
+                "sensor/high": 1,
+            },
             per_round={"phone": 2, "tv": 2, "sensor": 2},
             rounds=2,
             local_steps={"phone": 6, "tv": 6, "sensor": 20},

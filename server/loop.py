@@ -40,6 +40,8 @@ class NodeInfo:
     task: str
     data_client: str
     num_examples: int
+    tier: str = ""  # hardware tier, as the device reported it at check-in
+    rank: int = 0  # its tier's LoRA rank
 
 
 @dataclass
@@ -112,6 +114,8 @@ def check_in(grid: Grid, registry: Registry, nodes: list[int], timeout: float) -
             str(info["task"]),
             str(info["data-client"]),
             int(reply.content["metrics"]["num-train-examples"]),
+            str(info.get("tier", "")),
+            int(info.get("rank", 0)),
         )
 
 
@@ -336,7 +340,9 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
         entry = {
             "round": 0,
             "eval": fed.evaluate_server(),
-            "federated": fed.evaluate_federated(0, ("tv",) if "tv" in fed.tasks else ()),
+            "federated": fed.evaluate_federated(
+                0, ("tv",) if "tv" in fed.tasks and run.federated_eval_every >= 0 else ()
+            ),
         }
         entry.update({"wall_seconds": time.perf_counter() - start, "devices": counts})
         fed.write(entry)
@@ -346,7 +352,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
         entry = {"round": server_round, **fed.train_round(server_round)}
         entry["eval"] = fed.evaluate_server()
         every = run.federated_eval_every
-        if server_round == last:
+        if server_round == last and every >= 0:
             entry["federated"] = fed.evaluate_federated(server_round, fed.tasks)
         elif every and server_round % every == 0 and "tv" in fed.tasks:
             entry["federated"] = fed.evaluate_federated(server_round, ("tv",))

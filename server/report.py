@@ -110,6 +110,7 @@ def write_report(fed: Federation) -> dict[str, Any]:
         "rounds": fed.run.rounds,
         "seed": fed.run.seed,
         "fleet": fed.run.scenario.fleet,
+        "fleet_tiers": fed.run.scenario.tiers,  # per class/tier: the tier sets a device's LoRA rank
         "lora": {
             "rank": fed.run.lora.rank,
             "alpha": fed.run.lora.alpha,

@@ -8,6 +8,7 @@ and finally the decoded *sum* of the devices' contributions.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -85,6 +86,14 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
     stats: dict[str, Any] = {"participants": {}, "failures": 0, "rejected": 0, "vanished": 0, "aborted": []}
     losses: dict[str, list[float]] = {}
     upload = download = 0
+    stage_seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stage_seconds[stage] = now - clock
+        clock = now
 
     # Step 1: global state + parameters; devices train and answer with public keys.
     messages = []
@@ -111,6 +120,8 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
             log(WARNING, "fedge: node %d sent malformed keys in round %d: %s", node, server_round, exc)
             continue
         losses.setdefault(group.task, []).append(float(reply.content["metrics"]["train_loss"]))
+
+    lap("keys+train")
 
     # Step 2: neighbours' public keys; devices answer with sealed shares and masked vectors.
     messages = []
@@ -148,6 +159,8 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
             stats["rejected"] += 1
             log(WARNING, "fedge: node %d's masked vector rejected in round %d: %s", node, server_round, exc)
 
+    lap("mask")
+
     # Step 3: who survived; survivors reveal what recovery needs.
     messages = []
     for group in all_groups:
@@ -182,6 +195,7 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
                 node, group.node_of.get(sender, -1), server_round)  # fmt: skip
         group.state.add_reveal(group.ids[node], reveal)
 
+    lap("unmask")
     total = aggregation.init()
     for group in all_groups:
         try:
@@ -201,6 +215,7 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
             server_round, group.task, len(group.state.survivors), group.params.modulus_bits,
             group.params.degree, group.params.threshold)  # fmt: skip
     fed.state = aggregation.apply(total, fed.state)
+    lap("reconstruct+decode")
     stats.update(
         {
             "sampled": len(chosen),
@@ -208,6 +223,7 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
             "download_bytes": download,
             "train_loss": {t: float(np.mean(v)) for t, v in losses.items()},
             "secure": True,
+            "secagg_stage_seconds": stage_seconds,
         }
     )
     return stats

@@ -54,3 +54,90 @@ def overhead(seed: int, console: Console) -> float:
     ratio = flower / (direct_1 / 2)
     console.print(f"overhead ratio (Flower round / ideal direct on 2 cores): {ratio:.2f}")
     return ratio
+
+
+def _steady(out: Path) -> tuple[float, dict[str, float]]:
+    """Mean train-phase seconds of rounds >= 2 and their secure-aggregation stage split."""
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in rounds if r["round"] >= 2]
+    seconds = sum(r["train_wall_seconds"] for r in steady) / len(steady)
+    stages: dict[str, float] = {}
+    for r in steady:
+        for stage, s in r.get("secagg_stage_seconds", {}).items():
+            stages[stage] = stages.get(stage, 0.0) + s / len(steady)
+    return seconds, stages
+
+
+def _legacy(scenario: str, secure: bool, seed: int, size: int, tmp: Path) -> float:
+    """Flower's legacy SecAgg+ workflow (or its plain DefaultWorkflow) on the same model/data."""
+    from simulations.runner import APP_DIR, run_flwr
+
+    out = tmp / f"legacy-{scenario}-{'secure' if secure else 'plain'}"
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"scenario": scenario, "seed": seed, "num-rounds": 2, "secure": secure, "out-dir": str(out)}
+    code = run_flwr(
+        config, size, log_path=out / "flwr.log", app_dir=APP_DIR / "simulations" / "legacy_secagg"
+    )
+    rounds_file = out / "legacy_rounds.json"
+    if code != 0 or not rounds_file.exists():
+        raise RuntimeError(f"legacy anchor run failed (exit {code}): see {out / 'flwr.log'}")
+    rounds = json.loads(rounds_file.read_text())
+    steady = [r["seconds"] for r in rounds if r["round"] >= 2]
+    return sum(steady) / len(steady)
+
+
+def secagg(seed: int, console: Console, sizes: tuple[int, ...] = (10, 50), legacy: bool = True) -> float:
+    """Secure vs. plain rounds of the default edge model, fedge's protocol and Flower's legacy SecAgg+.
+
+    Each configuration is one Flower simulation of 2 rounds in which every device of the fleet
+    trains (the default local work: 10 MiniLM steps on a phone or TV, 30 on a watch); the figure
+    is round 2's train phase (round 1 pays actor start and imports). Prints a table; the last
+    line is fedge's secure/plain ratio at the largest size.
+    """
+    from rich.table import Table
+
+    from simulations.cli import simulate_scenario
+
+    scenarios = {10: "bench", 50: "bench-50"}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-secagg-") as tmp_name:
+        tmp = Path(tmp_name)
+        for size in sizes:
+            scenario = scenarios[size]
+            times: dict[str, float] = {}
+            stages: dict[str, float] = {}
+            for secure in (False, True):
+                sets = {"secure-aggregation": secure, "federated-eval-every": -1}
+                out = simulate_scenario(scenario, 2, seed, tmp / f"{scenario}-{secure}", sets, quiet=True)
+                seconds, split = _steady(out)
+                times["secure" if secure else "plain"] = seconds
+                stages.update(split)
+                console.print(
+                    f"{size} devices/round, fedge {'secure' if secure else 'plain'}: {seconds:.2f}s"
+                )
+            row = {"size": size, **times, "ratio": times["secure"] / times["plain"], "stages": stages}
+            if legacy:
+                for secure in (False, True):
+                    key = "legacy_secure" if secure else "legacy_plain"
+                    row[key] = _legacy(scenario, secure, seed, size, tmp)
+                    console.print(f"{size} devices/round, Flower legacy {key.split('_')[1]}: {row[key]:.2f}s")
+                row["legacy_ratio"] = row["legacy_secure"] / row["legacy_plain"]
+            rows.append(row)
+    table = Table(title="secure aggregation cost per round (train phase of round 2, seconds)")
+    for col in ("devices/round", "fedge plain", "fedge secure", "ratio", "stages (secure)", "Flower plain",
+                "Flower SecAgg+", "Flower ratio"):  # fmt: skip
+        table.add_column(col)
+    fmt = "{:.2f}".format
+    for row in rows:
+        stage_text = ", ".join(f"{k} {v:.2f}" for k, v in row["stages"].items())
+        legacy_cells = (
+            [fmt(row["legacy_plain"]), fmt(row["legacy_secure"]), fmt(row["legacy_ratio"]) + "x"]
+            if legacy
+            else ["-", "-", "-"]
+        )
+        table.add_row(str(row["size"]), fmt(row["plain"]), fmt(row["secure"]), fmt(row["ratio"]) + "x",
+                      stage_text, *legacy_cells)  # fmt: skip
+    console.print(table)
+    last = rows[-1]
+    console.print(f"fedge secure/plain ratio at {last['size']} devices/round: {last['ratio']:.2f}")
+    return last["ratio"]

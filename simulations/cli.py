@@ -175,12 +175,66 @@ def pretrain_imu(seed: int = 0, epochs: int = 30) -> None:
     console.print(f"wrote {ENCODER_FILE}: {report}")
 
 
+@app.command("deploy-local")
+def deploy_local_cmd(
+    scenario: Annotated[str, typer.Option(help="named scenario: one SuperNode per device")] = "smoke",
+    rounds: Annotated[int | None, typer.Option(help="rounds (default: the scenario's)")] = None,
+    seed: int = 0,
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a run-config key: KEY=VALUE")
+    ] = None,
+) -> None:
+    """Run a scenario on a real SuperLink + SuperNodes on 127.0.0.1 (Flower's deployment engine)."""
+    from federation.config import RunConfig
+    from simulations.deploy import deploy_local
+
+    out = (out or Path("results") / f"{scenario}-deploy" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    config: dict[str, object] = {
+        "scenario": scenario,
+        "seed": seed,
+        "out-dir": str(out),
+        **_parse_sets(set_ or []),
+    }
+    if rounds:
+        config["num-rounds"] = rounds
+    RunConfig.parse(config)
+
+    def on_line(line: str) -> None:
+        if "fedge" in line:
+            console.print(line.split("INFO", 1)[-1].strip(" :"))
+
+    code = deploy_local(config, on_line=on_line, log_dir=out / "logs")
+    summary = out / "summary.json"
+    if code != 0 or not summary.exists():
+        raise FedgeError(f"deployment run failed (exit {code}): see {out / 'logs'}")
+    print_summary(json.loads(summary.read_text()))
+    console.print(f"results in {out}")
+
+
 @bench_app.command("overhead")
 def bench_overhead(seed: int = 0) -> None:
     """Local training of the `bench` scenario's 10 devices directly vs. one Flower simulation round."""
     from simulations.bench import overhead
 
     overhead(seed, console)
+
+
+@bench_app.command("secagg")
+def bench_secagg(
+    seed: int = 0,
+    sizes: Annotated[str, typer.Option(help="devices per round, comma-separated (10, 50)")] = "10,50",
+    legacy: Annotated[bool, typer.Option(help="also run Flower's legacy SecAgg+ as the anchor")] = True,
+) -> None:
+    """Secure vs. plain rounds (fedge and Flower's legacy SecAgg+); last line: fedge's ratio."""
+    from simulations.bench import secagg
+
+    parsed = tuple(int(s) for s in sizes.split(",") if s.strip())
+    unknown = set(parsed) - {10, 50}
+    if unknown:
+        raise FedgeError(f"--sizes {sorted(unknown)}: the benchmark fleets are 10 and 50 devices per round")
+    secagg(seed, console, parsed, legacy)
 
 
 def main() -> None:

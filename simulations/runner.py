@@ -111,6 +111,7 @@ def run_flwr(
     log_path: Path | None = None,
     cpus_per_client: int = 1,
     timeout_s: float | None = None,
+    app_dir: Path = APP_DIR,
 ) -> int:
     """`flwr run <fedge> local --stream` with a private environment; returns its exit code."""
     token = secrets.token_hex(8)
@@ -118,7 +119,7 @@ def run_flwr(
     env = simulation_env(workdir, token)
     flwr = shutil.which("flwr", path=env["PATH"]) or "flwr"
     cmd = [
-        flwr, "run", str(APP_DIR), "local", "--stream",
+        flwr, "run", str(app_dir), "local", "--stream",
         "--run-config", run_config_arg(run_config),
         "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
     ]  # fmt: skip
@@ -128,7 +129,7 @@ def run_flwr(
         proc = subprocess.Popen(
             cmd,
             env=env,
-            cwd=str(APP_DIR),
+            cwd=str(app_dir),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

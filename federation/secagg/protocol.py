@@ -309,6 +309,10 @@ class ServerRound:
 
     def add_masked(self, device: int, sealed: Mapping[int, bytes], masked: np.ndarray) -> None:
         """Fold one device's step-2 reply in (validated first: a bad vector raises, nothing added)."""
+        if device not in self.keys:
+            raise ValueError(f"device {device} sent no keys in step 1: its vector cannot be unmasked")
+        if device in self.survivors:  # folded in twice, it would silently corrupt the sum
+            raise ValueError(f"device {device} already sent its masked vector")
         vector = check_masked_vector(masked, self.params.length, self.params.modulus_bits)
         expected = set(self.peer_keys_for(device))
         if set(sealed) != expected:

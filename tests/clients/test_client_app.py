@@ -2,7 +2,10 @@
 
 A sensor node (cheap) and a TV node (MiniLM + private part) of the `smoke` scenario go through
 check-in, train and evaluate, exactly as the ServerApp would address them. The server's side of
-each message (global state, config) is built by the real `federation` code.
+each message (global state, config) is built by the real `federation` code. A plain round's
+reply carries the device's *contribution* (weighted delta + `KEY#weight`), at the device's
+LoRA rank: the smoke fleet's first sensor is a low-tier watch (rank 2), its first TV a mid-tier
+one (rank 4), both below the model's r_max = 8.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from federation import aggregation
+from federation.aggregation import WEIGHT, is_column_key
 from federation.config import RunConfig
 from federation.data.sensor import N_CLASSES
 from federation.fleet import device_for_partition, load_device_data, num_train_examples
@@ -22,7 +26,7 @@ from federation.scenarios import get_scenario
 from federation.training import AUC_BINS
 
 RUN_CONFIG = {"scenario": "smoke", "local-steps": 2}
-SENSOR_PARTITION, TV_PARTITION = 2, 1  # smoke fleet order: phone, tv, sensor, phone, tv, ...
+PHONE_PARTITION, TV_PARTITION, SENSOR_PARTITION = 0, 1, 2  # smoke order: phone, tv, sensor, phone, ...
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,26 +94,38 @@ def _checkin(app: Any, ctx: Context) -> Message:
 
 
 def _check_train_reply(
-    reply: Message, state: dict[str, np.ndarray], task: str, server_round: int
+    reply: Message, state: dict[str, np.ndarray], task: str, server_round: int, rank: int
 ) -> dict[str, np.ndarray]:
+    """Check a train reply's contribution; return the device's delta (contribution / weight)."""
     assert not reply.has_error()
     assert set(reply.content.keys()) == {"arrays", "metrics"}
     arrays, metrics = reply.content["arrays"], reply.content["metrics"]
     assert isinstance(arrays, ArrayRecord) and isinstance(metrics, MetricRecord)
     expected = task_slice(state, task)
-    delta = {k: v.numpy() for k, v in arrays.items()}
-    assert set(delta) == set(expected)
-    for key, value in delta.items():
-        assert value.shape == expected[key].shape and value.dtype == np.float32, key
-        assert np.isfinite(value).all(), key
-    assert any(np.abs(v).max() > 0 for k, v in delta.items() if k.startswith("lora.")), "no LoRA update"
-    assert metrics["num-examples"] > 0
+    upload = {k: v.numpy() for k, v in arrays.items()}
+    assert set(upload) == set(expected) | {k + WEIGHT for k in expected}
+    weight = metrics["num-examples"]
+    assert weight > 0
+    delta = {}
+    for key, shape in ((k, v.shape) for k, v in expected.items()):
+        value, weights = upload[key], upload[key + WEIGHT]
+        assert value.shape == shape and value.dtype == np.float32, key
+        assert weights.dtype == np.float32 and np.isfinite(value).all(), key
+        if is_column_key(key):  # the device's rank: weight on B's first `rank` columns, zeros beyond
+            assert weights.tolist() == [weight] * rank + [0.0] * (shape[1] - rank), key
+            assert not value[:, rank:].any(), key
+        else:
+            assert weights.tolist() == [weight], key
+        delta[key] = value / weight
+    trained = [np.abs(v[:, :rank]).max() for k, v in delta.items() if is_column_key(k)]
+    assert trained and all(m > 0 for m in trained), "no LoRA update"
     assert metrics["server-round"] == server_round
     assert metrics["upload-bytes"] == arrays.count_bytes() > 0
     assert np.isfinite(metrics["train_loss"]) and metrics["train_loss"] > 0
     # what the server checks before aggregating
     shapes = {k: v.shape for k, v in expected.items()}
-    assert aggregation.validate_update(delta, shapes, float(metrics["num-examples"])) is None
+    run = RunConfig.parse(RUN_CONFIG)
+    assert aggregation.validate_contribution(upload, shapes, run.max_weight) is None
     return delta
 
 
@@ -121,7 +137,14 @@ def test_sensor_checkin(app, sensor_ctx: Context, run: RunConfig) -> None:
     assert not reply.has_error()
     device = device_for_partition(get_scenario("smoke"), SENSOR_PARTITION, run.seed)
     info = reply.content["device"]
-    assert dict(info) == {"device-class": "sensor", "task": "sensor", "data-client": device.data_client}
+    assert dict(info) == {
+        "device-class": "sensor",
+        "task": "sensor",
+        "data-client": device.data_client,
+        "tier": "low",
+        "rank": 2,
+    }
+    assert (device.tier, device.rank) == ("low", 2)
     data = load_device_data(device, run.seed, run.seq_len)
     n = reply.content["metrics"]["num-train-examples"]
     assert n == num_train_examples(device, data) == len(data.train_x) > 0
@@ -129,7 +152,7 @@ def test_sensor_checkin(app, sensor_ctx: Context, run: RunConfig) -> None:
 
 def test_sensor_train(app, sensor_ctx: Context, global_state: dict[str, np.ndarray], run: RunConfig) -> None:
     reply = app(_work(sensor_ctx, MessageType.TRAIN, global_state, "sensor", 3), sensor_ctx)
-    delta = _check_train_reply(reply, global_state, "sensor", 3)
+    delta = _check_train_reply(reply, global_state, "sensor", 3, rank=2)
     assert set(delta) == {
         "lora.conv2.lora_B.weight",
         "lora.conv3.lora_B.weight",
@@ -168,6 +191,20 @@ def test_wrong_task_is_refused(app, sensor_ctx: Context, global_state: dict[str,
             app(_work(sensor_ctx, kind, global_state, "phone", 1), sensor_ctx)
 
 
+# --------------------------------------------------------------------------------------- phone
+
+
+def test_phone_trains_at_its_rank_and_weighs_sequences(
+    app, global_state: dict[str, np.ndarray], run: RunConfig
+) -> None:
+    ctx = _context(PHONE_PARTITION)  # the smoke fleet's first phone: tier low, rank 2
+    reply = app(_work(ctx, MessageType.TRAIN, global_state, "phone", 1), ctx)
+    delta = _check_train_reply(reply, global_state, "phone", 1, rank=2)
+    assert sum(is_column_key(k) for k in delta) == 12  # 6 layers x (query, value)
+    # the weight is the sequences trained on (steps x batch), not the tokens
+    assert reply.content["metrics"]["num-examples"] == run.train.steps * run.train.batch_size == 32
+
+
 # ------------------------------------------------------------------------------------------ tv
 
 
@@ -179,11 +216,12 @@ def test_tv_checkin_train_keeps_private_part_and_evaluates(
     reply = _checkin(app, tv_ctx)
     assert not reply.has_error()
     assert reply.content["device"]["device-class"] == "tv" and reply.content["device"]["task"] == "tv"
+    assert reply.content["device"]["tier"] == "mid" and reply.content["device"]["rank"] == 4
     assert reply.content["metrics"]["num-train-examples"] > 0
 
     assert PRIVATE_KEY not in tv_ctx.state
     reply = app(_work(tv_ctx, MessageType.TRAIN, global_state, "tv", 1), tv_ctx)
-    delta = _check_train_reply(reply, global_state, "tv", 1)
+    delta = _check_train_reply(reply, global_state, "tv", 1, rank=4)
     assert set(delta) == set(task_slice(global_state, "tv"))
     assert {"head.item.weight", "head.item.bias", "head.global_bias"} <= set(delta)
 
@@ -199,7 +237,7 @@ def test_tv_checkin_train_keeps_private_part_and_evaluates(
 
     # the next round starts from the stored part and moves it on
     reply = app(_work(tv_ctx, MessageType.TRAIN, global_state, "tv", 2), tv_ctx)
-    _check_train_reply(reply, global_state, "tv", 2)
+    _check_train_reply(reply, global_state, "tv", 2, rank=4)
     again = tv_ctx.state[PRIVATE_KEY]["user"].numpy()
     assert again.shape == private.shape and not np.array_equal(again, private)
 

@@ -1,7 +1,9 @@
-"""Streamed weighted averaging (`federation.aggregation`) and summed metrics (`federation.metrics`).
+"""The aggregation rule (`federation.aggregation`) and summed metrics (`federation.metrics`).
 
-Every expectation is computed independently by hand with numpy (or with the exact per-example
-functions of `federation.data.baselines`), never by calling the code under test twice.
+Devices upload *contributions* (weighted delta + `KEY#weight` weights); the server `add`s them
+and `apply`s the sum. Every expectation is computed independently by hand with numpy (or with
+the exact per-example functions of `federation.data.baselines`), never by calling the code under
+test twice. The mixed-rank identities are in `test_mixed_rank.py`.
 """
 
 from __future__ import annotations
@@ -13,17 +15,20 @@ import numpy as np
 import pytest
 
 from federation import aggregation, metrics
+from federation.aggregation import WEIGHT
 from federation.data import baselines
 
 # ------------------------------------------------------------------------------- aggregation
+
+B = "lora.q.lora_B.weight"  # a LoRA B key: weighted per column
 
 
 def _global() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     return {
-        "phone/lora.q": rng.normal(size=(4, 3)).astype(np.float32),
+        f"phone/{B}": rng.normal(size=(4, 3)).astype(np.float32),
         "phone/head.bias": rng.normal(size=(5,)).astype(np.float32),
-        "tv/lora.q": rng.normal(size=(4, 3)).astype(np.float32),
+        f"tv/{B}": rng.normal(size=(4, 3)).astype(np.float32),
         "tv/head.item": rng.normal(size=(2, 3)).astype(np.float32),
         "sensor/head.weight": rng.normal(size=(7, 2)).astype(np.float32),
     }
@@ -37,20 +42,38 @@ def _updates() -> list[tuple[dict[str, np.ndarray], float]]:
         return rng.normal(size=shape).astype(np.float32)
 
     return [
-        ({"phone/lora.q": r(4, 3), "phone/head.bias": r(5)}, 10.0),
-        ({"phone/lora.q": r(4, 3), "phone/head.bias": r(5)}, 30.0),
-        ({"phone/lora.q": r(4, 3)}, 60.0),
-        ({"tv/lora.q": r(4, 3), "tv/head.item": r(2, 3)}, 5.0),
-        ({"tv/lora.q": r(4, 3), "tv/head.item": r(2, 3)}, 15.0),
+        ({f"phone/{B}": r(4, 3), "phone/head.bias": r(5)}, 10.0),
+        ({f"phone/{B}": r(4, 3), "phone/head.bias": r(5)}, 30.0),
+        ({f"phone/{B}": r(4, 3)}, 60.0),
+        ({f"tv/{B}": r(4, 3), "tv/head.item": r(2, 3)}, 5.0),
+        ({f"tv/{B}": r(4, 3), "tv/head.item": r(2, 3)}, 15.0),
     ]
 
 
 def _aggregate(updates: list[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
     state = aggregation.init()
     for delta, weight in updates:
-        aggregation.accumulate(state, delta, weight)
-    assert state.contributors == len(updates)
+        aggregation.add(state, aggregation.contribution(delta, weight))
+    assert state.count == len(updates)
     return aggregation.apply(state, _global())
+
+
+def test_contribution_is_the_weighted_delta_and_its_weights() -> None:
+    delta = {B: np.arange(12, dtype=np.float32).reshape(4, 3), "head.bias": np.ones(5, np.float32)}
+    contrib = aggregation.contribution(delta, 2.5)
+    assert set(contrib) == {B, B + WEIGHT, "head.bias", "head.bias" + WEIGHT}
+    np.testing.assert_array_equal(contrib[B], 2.5 * delta[B])
+    np.testing.assert_array_equal(contrib[B + WEIGHT], [2.5, 2.5, 2.5])  # one weight per column
+    np.testing.assert_array_equal(contrib["head.bias" + WEIGHT], [2.5])  # one weight per key
+    assert all(v.dtype == np.float32 for v in contrib.values())
+    # a device of rank 2 of 3: weight on its 2 columns only; a rank at or above r_max means all
+    low = {B: delta[B] * np.array([1, 1, 0], np.float32)}
+    np.testing.assert_array_equal(aggregation.contribution(low, 2.0, rank=2)[B + WEIGHT], [2, 2, 0])
+    np.testing.assert_array_equal(aggregation.contribution(delta, 2.0, rank=8)[B + WEIGHT], [2, 2, 2])
+    with pytest.raises(ValueError, match="beyond the device's rank 2"):
+        aggregation.contribution(delta, 2.0, rank=2)
+    with pytest.raises(ValueError, match="rank"):
+        aggregation.contribution(delta, 2.0, rank=0)
 
 
 def test_weighted_mean_over_contributors_only() -> None:
@@ -63,13 +86,13 @@ def test_weighted_mean_over_contributors_only() -> None:
         return g[key].astype(np.float64) + sum(w * d for d, w in pairs) / total
 
     # phone LoRA: all three phones, weights 10/30/60
-    np.testing.assert_allclose(new["phone/lora.q"], hand("phone/lora.q"), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new[f"phone/{B}"], hand(f"phone/{B}"), rtol=1e-6, atol=1e-6)
     # phone head: only the two phones that uploaded it (weights 10/30), not diluted by the third
     b0, b1 = ups[0][0]["phone/head.bias"], ups[1][0]["phone/head.bias"]
     expected_head = g["phone/head.bias"] + (10 * b0 + 30 * b1) / 40
     np.testing.assert_allclose(new["phone/head.bias"], expected_head, rtol=1e-6, atol=1e-6)
     # tv: averaged over the TVs only (weights 5/15)
-    for key in ("tv/lora.q", "tv/head.item"):
+    for key in (f"tv/{B}", "tv/head.item"):
         expected = g[key] + (5 * ups[3][0][key] + 15 * ups[4][0][key]) / 20
         np.testing.assert_allclose(new[key], expected, rtol=1e-6, atol=1e-6)
     # nobody uploaded the sensor head: unchanged, bit for bit, same dtype
@@ -83,7 +106,7 @@ def test_apply_does_not_touch_the_input_state_and_scales_by_server_lr() -> None:
     before = {k: v.copy() for k, v in g.items()}
     state = aggregation.init()
     delta = {"sensor/head.weight": np.ones((7, 2), np.float32)}
-    aggregation.accumulate(state, delta, 3.0)
+    aggregation.add(state, aggregation.contribution(delta, 3.0))
     new = aggregation.apply(state, g, server_lr=0.5)
     assert all(np.array_equal(g[k], before[k]) for k in g)
     np.testing.assert_allclose(new["sensor/head.weight"], g["sensor/head.weight"] + 0.5, rtol=1e-6)
@@ -98,49 +121,93 @@ def test_order_independent() -> None:
             np.testing.assert_allclose(other[key], reference[key], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan")])
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
 def test_non_positive_weight_raises(weight: float) -> None:
     state = aggregation.init()
     with pytest.raises(ValueError, match="weight"):
-        aggregation.accumulate(state, {"a": np.ones(2)}, weight)
-    assert state.contributors == 0 and not state.sums
+        aggregation.add(state, aggregation.contribution({"a": np.ones(2)}, weight))
+    assert state.count == 0 and not state.sums
 
 
-EXPECTED = {"lora.q": (4, 3), "head.bias": (5,)}
+EXPECTED = {"lora.q.lora_B.weight": (4, 3), "head.bias": (5,)}
+MAX_WEIGHT = 100.0
 
 
-def _good() -> dict[str, np.ndarray]:
-    return {"lora.q": np.zeros((4, 3), np.float32), "head.bias": np.ones(5, np.float32)}
+def _good(rank: int = 3, weight: float = 12.0) -> dict[str, np.ndarray]:
+    delta = {"lora.q.lora_B.weight": np.ones((4, 3), np.float32), "head.bias": np.ones(5, np.float32)}
+    delta["lora.q.lora_B.weight"][:, rank:] = 0.0
+    return aggregation.contribution(delta, weight, rank=rank)
 
 
-def test_validate_update_accepts_a_good_update() -> None:
-    assert aggregation.validate_update(_good(), EXPECTED, 12.0) is None
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_validate_contribution_accepts_a_good_contribution(rank: int) -> None:
+    assert aggregation.validate_contribution(_good(rank), EXPECTED, MAX_WEIGHT) is None
+    assert aggregation.validate_contribution(_good(rank, MAX_WEIGHT), EXPECTED, MAX_WEIGHT) is None
+
+
+def _set_weight(contrib: dict[str, np.ndarray], weight: float) -> None:
+    """Claim another weight on every trained entry (as a dishonest or broken device might)."""
+    for key in list(contrib):
+        if key.endswith(WEIGHT):
+            contrib[key] = np.where(contrib[key] != 0, weight, 0).astype(np.float32)
+
+
+Q, QW = "lora.q.lora_B.weight", "lora.q.lora_B.weight#weight"
 
 
 @pytest.mark.parametrize(
-    ("change", "weight", "words"),
+    ("change", "words"),
     [
-        (lambda u: u["lora.q"].__setitem__((0, 0), np.nan), 1.0, ["lora.q", "NaN"]),
-        (lambda u: u["head.bias"].__setitem__(2, np.inf), 1.0, ["head.bias", "inf"]),
-        (lambda u: u["head.bias"].__setitem__(2, -np.inf), 1.0, ["head.bias", "inf"]),
-        (lambda u: u.__setitem__("lora.q", np.zeros((3, 4), np.float32)), 1.0, ["lora.q", "shape", "(3, 4)"]),
-        (lambda u: u.pop("head.bias"), 1.0, ["missing", "head.bias"]),
-        (lambda u: u.__setitem__("head.extra", np.zeros(1, np.float32)), 1.0, ["unexpected", "head.extra"]),
-        (lambda u: u.__setitem__("head.bias", np.ones(5, np.int64)), 1.0, ["head.bias", "dtype", "int64"]),
-        (lambda u: None, 0.0, ["num-examples", "positive"]),
-        (lambda u: None, -3.0, ["num-examples", "positive"]),
-        (lambda u: None, float("nan"), ["num-examples", "positive"]),
-        (lambda u: None, float("inf"), ["num-examples", "positive"]),
+        (lambda u: u[Q].__setitem__((0, 0), np.nan), [Q, "NaN"]),
+        (lambda u: u["head.bias"].__setitem__(2, np.inf), ["head.bias", "inf"]),
+        (lambda u: u["head.bias"].__setitem__(2, -np.inf), ["head.bias", "inf"]),
+        (lambda u: u.__setitem__(Q, np.zeros((3, 4), np.float32)), [Q, "shape", "(3, 4)"]),
+        (lambda u: u.__setitem__(QW, np.ones(4, np.float32)), [QW, "shape", "(4,)"]),
+        (lambda u: u.pop("head.bias"), ["missing", "head.bias"]),
+        (lambda u: u.pop("head.bias#weight"), ["missing", "head.bias#weight"]),
+        (lambda u: u.__setitem__("head.extra", np.zeros(1, np.float32)), ["unexpected", "head.extra"]),
+        (lambda u: u.__setitem__("head.bias", np.ones(5, np.int64)), ["head.bias", "dtype", "int64"]),
+        (lambda u: _set_weight(u, 0.0), ["weights", "positive"]),
+        (lambda u: _set_weight(u, -3.0), ["weight -3.0", "outside"]),
+        (lambda u: _set_weight(u, np.nan), ["#weight", "NaN"]),
+        (lambda u: _set_weight(u, np.inf), ["#weight", "inf"]),
+        (lambda u: _set_weight(u, MAX_WEIGHT * 2), ["weight 200.0", "outside", "100.0"]),
+        (lambda u: u["head.bias#weight"].__setitem__(0, 5.0), ["one positive number per device"]),
+        (lambda u: u.__setitem__(QW, np.array([0.0, 12.0, 12.0], np.float32)), [QW, "prefix"]),
     ],
-    ids=["nan", "inf", "-inf", "shape", "missing", "extra", "int-dtype", "w0", "w-neg", "w-nan", "w-inf"],
+    ids=[
+        "nan",
+        "inf",
+        "-inf",
+        "shape",
+        "weight-shape",
+        "missing",
+        "missing-weight",
+        "extra",
+        "int-dtype",
+        "w0",
+        "w-neg",
+        "w-nan",
+        "w-inf",
+        "w-above-max",
+        "two-weights",
+        "not-a-prefix",
+    ],
 )
-def test_validate_update_names_the_problem(change, weight: float, words: list[str]) -> None:
-    update = _good()
-    change(update)
-    reason = aggregation.validate_update(update, EXPECTED, weight)
+def test_validate_contribution_names_the_problem(change, words: list[str]) -> None:
+    contrib = _good()
+    change(contrib)
+    reason = aggregation.validate_contribution(contrib, EXPECTED, MAX_WEIGHT)
     assert reason is not None
     for word in words:
         assert word in reason, (word, reason)
+
+
+def test_values_in_untrained_columns_are_refused() -> None:
+    contrib = _good(rank=2)
+    contrib[Q][1, 2] = 0.5  # column 2 carries no weight: the device did not train it
+    reason = aggregation.validate_contribution(contrib, EXPECTED, MAX_WEIGHT)
+    assert reason is not None and Q in reason and "did not train" in reason
 
 
 # ----------------------------------------------------------------------------------- metrics

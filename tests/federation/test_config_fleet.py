@@ -6,7 +6,9 @@ the default fedge cache ($FEDGE_CACHE or ~/.cache/fedge), which holds the parsed
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from federation.fleet import (
     device_from_node_config,
     fleet_data_clients,
 )
-from federation.scenarios import fleet_order, get_scenario
+from federation.scenarios import Scenario, fleet_order, get_scenario
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,6 +99,60 @@ def test_partitions_map_to_a_mixed_fleet_deterministically() -> None:
     assert fleet_order(scenario)[:4] == [("phone", 0), ("tv", 0), ("sensor", 0), ("phone", 1)]
 
 
+def test_smart_home_is_a_mixed_rank_fleet() -> None:
+    scenario = get_scenario("smart-home")
+    assert scenario.size == 36 and sum(scenario.per_round.values()) == 12
+    assert scenario.tiers == {
+        "phone/low": 6,
+        "phone/mid": 6,
+        "phone/high": 4,
+        "tv/mid": 8,
+        "tv/high": 4,
+        "sensor/low": 4,
+        "sensor/high": 4,
+    }
+    devices = [device_for_partition(scenario, p, seed=0) for p in range(scenario.size)]
+    assert Counter(f"{d.device_class}/{d.tier}" for d in devices) == scenario.tiers
+    ranks = {c: sorted({d.rank for d in devices if d.device_class == c}) for c in scenario.fleet}
+    assert ranks == {"phone": [2, 4, 8], "tv": [4, 8], "sensor": [2, 4]}
+    # tiers are dealt round-robin within a class: any prefix of a class mixes its tiers
+    phones = [d for d in devices if d.device_class == "phone"]
+    assert [d.tier for d in phones[:4]] == ["low", "mid", "high", "low"]
+    assert [d.tier for d in phones[12:]] == ["low", "mid", "low", "mid"]
+    # the smoke fleet stays small and mixed too
+    smoke = get_scenario("smoke")
+    smoke_devices = [device_for_partition(smoke, p, seed=0) for p in range(smoke.size)]
+    assert smoke.size == 8 and {d.rank for d in smoke_devices} == {2, 4, 8}
+
+
+def test_fleet_counts_by_class_and_tier() -> None:
+    def scenario(fleet: dict, per_round: dict | None = None) -> Scenario:
+        return Scenario("t", "", fleet, per_round or {"phone": 1}, 1, {"phone": 1})
+
+    # a bare class means its top tier; counts per class derive from the tiers
+    mixed = scenario({"phone/low": 2, "phone": 1, "tv/mid": 3})
+    assert mixed.tiers == {"phone/low": 2, "phone/high": 1, "tv/mid": 3}
+    assert mixed.fleet == {"phone": 3, "tv": 3} and mixed.size == 6 and mixed.tasks == ("phone", "tv")
+    assert [mixed.tier_of("phone", i) for i in range(3)] == ["low", "high", "low"]
+    with pytest.raises(IndexError):
+        mixed.tier_of("phone", 3)
+    # dataclasses.replace keeps the tiers; a new fleet replaces them
+    assert dataclasses.replace(mixed, rounds=5).tiers == mixed.tiers
+    assert dataclasses.replace(mixed, fleet={"phone/mid": 2}).tiers == {"phone/mid": 2}
+    for fleet, per_round, words in [
+        ({"phone/ultra": 1}, None, ["phone/ultra", "low, mid, high"]),
+        ({"toaster/low": 1}, None, ["toaster"]),
+        ({"phone": 1, "phone/high": 1}, None, ["phone/high", "twice"]),
+        ({"phone/low": -1}, None, ["phone/low", "non-negative"]),
+        ({"phone/low": 2}, {"phone/low": 1}, ["phone/low", "per class"]),
+        ({"phone/low": 2}, {"tv": 1}, ["tv", "per_round"]),
+    ]:
+        with pytest.raises(FedgeError) as info:
+            scenario(fleet, per_round)
+        for word in words:
+            assert word in str(info.value), (word, str(info.value))
+
+
 @pytest.mark.parametrize(("device_class", "count"), [("phone", 16), ("tv", 12), ("sensor", 8)])
 def test_fleet_data_clients_are_distinct_seeded_draws(device_class: str, count: int) -> None:
     pool = all_data_clients(device_class)
@@ -130,10 +186,20 @@ def test_deployment_node_config_resolves() -> None:
     )
     phone = device_from_node_config({"device-class": "phone", "data-client": "hamlet/HAM"}, scenario, 0)
     assert phone == Device("phone", "hamlet/HAM") and phone.task == "phone"
-    # device-class + partition-id: the index within that class's seeded draw
+    # device-class + partition-id: the index within that class's seeded draw, and its tier there
     assert device_from_node_config({"device-class": "sensor", "partition-id": 2}, scenario, 0) == Device(
-        "sensor", fleet_data_clients("sensor", 8, 0)[2]
+        "sensor", fleet_data_clients("sensor", 8, 0)[2], "low"
     )
+    # without a tier, a device outside the scenario's fleet is its class's top tier
+    tv = device_from_node_config({"device-class": "tv", "data-client": "301"}, scenario, 0)
+    assert (tv.tier, tv.rank) == ("high", 8)
+    # a node may say its tier
+    low = device_from_node_config(
+        {"device-class": "phone", "data-client": "hamlet/HAM", "tier": "low"}, scenario, 0
+    )
+    assert (low.tier, low.rank) == ("low", 2)
+    sim = device_from_node_config({"partition-id": 0, "tier": "mid"}, scenario, 0)
+    assert (sim.device_class, sim.tier, sim.rank) == ("phone", "mid", 4)
     # simulation: the partition id alone
     sim = device_from_node_config({"partition-id": 1, "num-partitions": 36}, scenario, 0)
     assert sim == device_for_partition(scenario, 1, 0) and sim.device_class == "tv"
@@ -142,6 +208,8 @@ def test_deployment_node_config_resolves() -> None:
 @pytest.mark.parametrize(
     ("node_config", "words"),
     [
+        ({"device-class": "tv", "data-client": "301", "tier": "low"}, ["tier", "'low'", "mid, high"]),
+        ({"partition-id": 0, "tier": "ultra"}, ["tier", "ultra", "low, mid, high"]),
         ({"device-class": "tv", "data-client": "no-such-viewer"}, ["data-client", "no-such-viewer"]),
         ({"device-class": "sensor", "data-client": "s1a"}, ["data-client", "s1a"]),  # vendor lab
         ({"device-class": "toaster"}, ["device-class", "toaster"]),

@@ -2,7 +2,8 @@
 
 `Federation` takes its Grid only to send messages; the check needs none, so a real `Federation`
 of the smoke scenario is built with `grid=None` (its global state and shapes are the real ones).
-Replies are built as the ClientApp builds them: `Message(RecordDict(...), reply_to=request)`;
+Replies are built as the ClientApp builds them: `Message(RecordDict(...), reply_to=request)`
+carrying a *contribution* (weighted delta + `KEY#weight` weights, `federation.aggregation`);
 one comes from the real ClientApp itself.
 """
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
+from federation.aggregation import WEIGHT, contribution, is_column_key
 from federation.config import RunConfig
 from federation.model.edge import task_slice
 from server.loop import Federation
@@ -45,35 +47,50 @@ def _request(fed: Federation, task: str, node: int = 7) -> Message:
     )
 
 
-def _delta(fed: Federation, task: str) -> dict[str, np.ndarray]:
+def _delta(fed: Federation, task: str, rank: int | None = None) -> dict[str, np.ndarray]:
+    """A device's delta; a rank-`rank` device's B is zero beyond its first `rank` columns."""
     rng = np.random.default_rng(0)
-    return {
+    delta = {
         k: (0.01 * rng.normal(size=v.shape)).astype(np.float32)
         for k, v in task_slice(fed.state, task).items()
     }
+    for key, value in delta.items():
+        if rank is not None and is_column_key(key):
+            value[:, rank:] = 0.0
+    return delta
 
 
-GOOD_METRICS = {"num-examples": 32.0, "train_loss": 1.5, "server-round": ROUND, "upload-bytes": 100}
+WEIGHT_32 = 32.0  # num-examples: sensor steps x batch (phone: sequences)
+
+
+def _upload(fed: Federation, task: str, rank: int | None = None, weight: float = WEIGHT_32):
+    """What the ClientApp uploads: the contribution of a delta."""
+    return contribution(_delta(fed, task, rank), weight, rank=rank)
+
+
+GOOD_METRICS = {"num-examples": WEIGHT_32, "train_loss": 1.5, "server-round": ROUND, "upload-bytes": 100}
 
 
 def _reply(
     request: Message,
-    delta: dict[str, np.ndarray] | None,
+    upload: dict[str, np.ndarray] | None,
     metrics: dict | None = None,
     with_metrics: bool = True,
 ) -> Message:
     """A reply as `clients.client_app.train` builds it."""
     content = RecordDict()
-    if delta is not None:
-        content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in delta.items()})
+    if upload is not None:
+        content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in upload.items()})
     if with_metrics:
         content["metrics"] = MetricRecord(GOOD_METRICS if metrics is None else metrics)
     return Message(content, reply_to=request)
 
 
-def test_a_good_reply_passes(fed: Federation) -> None:
+@pytest.mark.parametrize("rank", [None, 2, 4])
+def test_a_good_reply_passes(fed: Federation, rank: int | None) -> None:
     for task in ("sensor", "tv", "phone"):
-        assert fed._check_reply(_reply(_request(fed, task), _delta(fed, task)), task, ROUND) is None
+        upload = _upload(fed, task, rank)
+        assert fed._check_reply(_reply(_request(fed, task), upload), task, ROUND) is None
 
 
 def _reason(fed: Federation, reply: Message, task: str = "sensor") -> str:
@@ -84,76 +101,129 @@ def _reason(fed: Federation, reply: Message, task: str = "sensor") -> str:
 
 def test_nan_and_inf_are_refused(fed: Federation) -> None:
     for bad in (np.nan, np.inf, -np.inf):
-        delta = _delta(fed, "sensor")
-        delta["lora.conv3.lora_B.weight"][5, 2, 0] = bad
-        reason = _reason(fed, _reply(_request(fed, "sensor"), delta))
+        upload = _upload(fed, "sensor")
+        upload["lora.conv3.lora_B.weight"][5, 2, 0] = bad
+        reason = _reason(fed, _reply(_request(fed, "sensor"), upload))
         assert "lora.conv3.lora_B.weight" in reason and "NaN or inf" in reason
+        upload = _upload(fed, "sensor")
+        upload["head.out.bias" + WEIGHT][0] = bad
+        reason = _reason(fed, _reply(_request(fed, "sensor"), upload))
+        assert "head.out.bias#weight" in reason and "NaN or inf" in reason
 
 
 def test_wrong_shape_is_refused(fed: Federation) -> None:
-    delta = _delta(fed, "sensor")
-    delta["head.out.weight"] = np.zeros((8, 64), np.float32)  # 8 classes instead of 7
-    reason = _reason(fed, _reply(_request(fed, "sensor"), delta))
+    upload = _upload(fed, "sensor")
+    upload["head.out.weight"] = np.zeros((8, 64), np.float32)  # 8 classes instead of 7
+    reason = _reason(fed, _reply(_request(fed, "sensor"), upload))
     assert "head.out.weight" in reason and "(8, 64)" in reason and "(7, 64)" in reason
-    # a LoRA B of another rank
-    delta = _delta(fed, "sensor")
-    delta["lora.proj.lora_B.weight"] = np.zeros((64, 4), np.float32)
-    assert "lora.proj.lora_B.weight" in _reason(fed, _reply(_request(fed, "sensor"), delta))
+    # a LoRA B of another rank: a rank-4 device must still pad to the r_max = 8 columns
+    upload = _upload(fed, "sensor", rank=4)
+    upload["lora.proj.lora_B.weight"] = upload["lora.proj.lora_B.weight"][:, :4].copy()
+    assert "lora.proj.lora_B.weight" in _reason(fed, _reply(_request(fed, "sensor"), upload))
+    # and one weight per column
+    upload = _upload(fed, "sensor", rank=4)
+    upload["lora.proj.lora_B.weight#weight"] = upload["lora.proj.lora_B.weight#weight"][:4].copy()
+    assert "lora.proj.lora_B.weight#weight" in _reason(fed, _reply(_request(fed, "sensor"), upload))
 
 
 def test_declared_shape_cannot_hide_the_real_one(fed: Federation) -> None:
     """The Array's metadata claims the expected shape; its payload holds another."""
-    delta = _delta(fed, "sensor")
-    arrays = ArrayRecord({k: Array(v) for k, v in delta.items()})
+    arrays = ArrayRecord({k: Array(v) for k, v in _upload(fed, "sensor").items()})
     real = Array(np.zeros((3, 3), np.float32))
-    arrays["head.bias"] = Array(dtype=real.dtype, shape=(7,), stype=real.stype, data=real.data)
+    arrays["head.out.bias"] = Array(dtype=real.dtype, shape=(7,), stype=real.stype, data=real.data)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(GOOD_METRICS)})
     reply = Message(content, reply_to=_request(fed, "sensor"))
-    assert "head.bias" in _reason(fed, reply)
+    assert "head.out.bias" in _reason(fed, reply)
 
 
 def test_wrong_keys_are_refused(fed: Federation) -> None:
     request = _request(fed, "sensor")
-    delta = _delta(fed, "sensor")
-    del delta["lora.conv2.lora_B.weight"]
-    assert "missing" in (r := _reason(fed, _reply(request, delta))) and "lora.conv2" in r
-    delta = {**_delta(fed, "sensor"), "head.private_user": np.zeros(17, np.float32)}
-    assert "unexpected" in (r := _reason(fed, _reply(request, delta))) and "head.private_user" in r
-    # a TV's update checked as a sensor's (and the task prefix must not be sent)
-    assert "missing" in _reason(fed, _reply(request, _delta(fed, "tv")))
-    prefixed = {f"sensor/{k}": v for k, v in _delta(fed, "sensor").items()}
+    upload = _upload(fed, "sensor")
+    del upload["lora.conv2.lora_B.weight"], upload["lora.conv2.lora_B.weight#weight"]
+    assert "missing" in (r := _reason(fed, _reply(request, upload))) and "lora.conv2" in r
+    upload = _upload(fed, "sensor")
+    del upload["head.out.weight#weight"]  # a value without the weight behind it
+    assert "missing" in (r := _reason(fed, _reply(request, upload))) and "head.out.weight#weight" in r
+    upload = {**_upload(fed, "sensor"), "head.private_user": np.zeros(17, np.float32)}
+    assert "unexpected" in (r := _reason(fed, _reply(request, upload))) and "head.private_user" in r
+    # a raw delta (the old upload, without weights) is not a contribution
+    assert "missing" in (r := _reason(fed, _reply(request, _delta(fed, "sensor")))) and WEIGHT in r
+    # a TV's contribution checked as a sensor's (and the task prefix must not be sent)
+    assert "missing" in _reason(fed, _reply(request, _upload(fed, "tv")))
+    prefixed = {f"sensor/{k}": v for k, v in _upload(fed, "sensor").items()}
     assert "missing" in _reason(fed, _reply(request, prefixed))
 
 
 def test_integer_arrays_are_refused(fed: Federation) -> None:
-    delta = _delta(fed, "sensor")
-    delta["head.out.bias"] = np.zeros(7, np.int32)
-    assert "dtype" in _reason(fed, _reply(_request(fed, "sensor"), delta))
+    upload = _upload(fed, "sensor")
+    upload["head.out.bias"] = np.zeros(7, np.int32)
+    assert "dtype" in _reason(fed, _reply(_request(fed, "sensor"), upload))
+    upload = _upload(fed, "sensor")
+    upload["head.out.bias#weight"] = np.array([32], np.int64)
+    assert "dtype" in _reason(fed, _reply(_request(fed, "sensor"), upload))
 
 
 def test_reply_for_another_round_is_refused(fed: Federation) -> None:
     request = _request(fed, "sensor")
     for other in (ROUND - 1, ROUND + 1):
-        metrics = {"num-examples": 32.0, "train_loss": 1.0, "server-round": other}
-        reason = _reason(fed, _reply(request, _delta(fed, "sensor"), metrics))
+        metrics = {"num-examples": WEIGHT_32, "train_loss": 1.0, "server-round": other}
+        reason = _reason(fed, _reply(request, _upload(fed, "sensor"), metrics))
         assert f"round {other}" in reason and f"not {ROUND}" in reason
     # no round at all
-    reason = _reason(fed, _reply(request, _delta(fed, "sensor"), {"num-examples": 32.0}))
+    reason = _reason(fed, _reply(request, _upload(fed, "sensor"), {"num-examples": WEIGHT_32}))
     assert "round" in reason
 
 
-@pytest.mark.parametrize("weight", [0.0, -5.0, float("nan")])
-def test_bad_weight_is_refused(fed: Federation, weight: float) -> None:
-    metrics = {"num-examples": weight, "train_loss": 1.0, "server-round": ROUND}
-    assert "num-examples" in _reason(fed, _reply(_request(fed, "sensor"), _delta(fed, "sensor"), metrics))
+def _claim(upload: dict[str, np.ndarray], weight: float) -> dict[str, np.ndarray]:
+    """Rewrite every trained entry of the `#weight` vectors to `weight` (a forged or broken claim)."""
+    for key in list(upload):
+        if key.endswith(WEIGHT):
+            upload[key] = np.where(upload[key] != 0, weight, 0).astype(np.float32)
+    return upload
+
+
+@pytest.mark.parametrize(
+    ("weight", "words"),
+    [(0.0, "positive"), (-5.0, "outside"), (float("nan"), "NaN"), (float("inf"), "inf")],
+)
+def test_bad_weight_is_refused(fed: Federation, weight: float, words: str) -> None:
+    upload = _claim(_upload(fed, "sensor", rank=2), weight)
+    assert words in _reason(fed, _reply(_request(fed, "sensor"), upload))
+
+
+def test_weight_above_max_weight_is_refused(fed: Federation) -> None:
+    max_weight = fed.run.max_weight
+    assert (
+        fed._check_reply(
+            _reply(_request(fed, "sensor"), _upload(fed, "sensor", weight=max_weight)), "sensor", ROUND
+        )
+        is None
+    )
+    reason = _reason(fed, _reply(_request(fed, "sensor"), _upload(fed, "sensor", weight=2 * max_weight)))
+    assert "outside" in reason and str(max_weight) in reason
+
+
+def test_weights_that_are_not_a_prefix_are_refused(fed: Federation) -> None:
+    upload = _upload(fed, "sensor", rank=4)
+    key = "lora.conv2.lora_B.weight#weight"
+    upload[key] = upload[key][::-1].copy()  # columns 4..7 claimed, 0..3 not
+    upload["lora.conv2.lora_B.weight"] = np.zeros_like(upload["lora.conv2.lora_B.weight"])
+    assert "prefix" in (r := _reason(fed, _reply(_request(fed, "sensor"), upload))) and key in r
+
+
+def test_values_in_untrained_columns_are_refused(fed: Federation) -> None:
+    upload = _upload(fed, "sensor", rank=2)
+    upload["lora.proj.lora_B.weight"][3, 5] = 0.01  # column 5: a rank-2 device has no parameter there
+    reason = _reason(fed, _reply(_request(fed, "sensor"), upload))
+    assert "lora.proj.lora_B.weight" in reason and "did not train" in reason
 
 
 def test_missing_parts_and_unreadable_arrays_are_refused(fed: Federation) -> None:
     request = _request(fed, "sensor")
     assert "lacks" in _reason(fed, _reply(request, None))
-    assert "lacks" in _reason(fed, _reply(request, _delta(fed, "sensor"), with_metrics=False))
-    arrays = ArrayRecord({k: Array(v) for k, v in _delta(fed, "sensor").items()})
-    arrays["head.bias"] = Array(dtype="float32", shape=(7,), stype="numpy.ndarray", data=b"not an array")
+    assert "lacks" in _reason(fed, _reply(request, _upload(fed, "sensor"), with_metrics=False))
+    arrays = ArrayRecord({k: Array(v) for k, v in _upload(fed, "sensor").items()})
+    arrays["head.out.bias"] = Array(dtype="float32", shape=(7,), stype="numpy.ndarray", data=b"not an array")
     reply = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(GOOD_METRICS)}), reply_to=request)
     assert "unreadable" in _reason(fed, reply)
 
@@ -161,7 +231,7 @@ def test_missing_parts_and_unreadable_arrays_are_refused(fed: Federation) -> Non
 def test_the_real_client_reply_passes(fed: Federation) -> None:
     from clients.client_app import app
 
-    partition = 2  # the smoke fleet's first sensor
+    partition = 2  # the smoke fleet's first sensor: tier low, LoRA rank 2
     ctx = Context(
         run_id=1,
         node_id=102,
@@ -175,3 +245,7 @@ def test_the_real_client_reply_passes(fed: Federation) -> None:
     assert fed._check_reply(reply, "sensor", ROUND) is None
     assert fed._check_reply(reply, "sensor", ROUND + 1) is not None
     assert fed._check_reply(reply, "tv", ROUND) is not None
+    # a rank-2 device's contribution: weight on B's first 2 columns only
+    weights = reply.content["arrays"]["lora.proj.lora_B.weight#weight"].numpy()
+    examples = reply.content["metrics"]["num-examples"]
+    np.testing.assert_array_equal(weights, [examples] * 2 + [0.0] * 6)

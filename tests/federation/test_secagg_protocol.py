@@ -1,0 +1,497 @@
+"""Full secure-aggregation rounds driven through `federation.secagg.protocol` (pure, no Flower).
+
+Every round here is the real three-step protocol: `device_keys` -> `ServerRound.add_keys`,
+`device_mask` -> `ServerRound.add_masked`, `device_unmask` -> `ServerRound.add_reveal`, then
+`ServerRound.finish` and `vector.decode_total`. Inputs are realistic contributions: LoRA B
+deltas [out, 8] (devices of rank 2, 4 or 8, zero-padded) plus head keys, deltas ~ N(0, 0.02),
+integer weights 1..500, with the run's default clip, value bits and max weight.
+
+`encode` rounds stochastically, so each device's input is encoded once and that same vector is
+both masked and summed in plaintext for the reference: the secure sum must equal it exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from federation import aggregation
+from federation.secagg import MaskedVectorError, quantization_error_bound
+from federation.secagg.protocol import (
+    DeviceSession,
+    Params,
+    Reveal,
+    SecAggAbort,
+    ServerRound,
+    device_keys,
+    device_mask,
+    device_unmask,
+    plan,
+)
+from federation.secagg.quantize import decode_signed
+from federation.secagg.vector import decode_total, encode_update, vector_length
+
+# A phone-style attention B, sensor-style conv/proj Bs, and a classification head.
+SHAPES: dict[str, tuple[int, ...]] = {
+    "lora.encoder.layer.0.attention.self.query.lora_B.weight": (384, 8),
+    "lora.conv2.lora_B.weight": (64, 8),
+    "lora.conv3.lora_B.weight": (64, 8),
+    "lora.proj.lora_B.weight": (128, 8),
+    "head.norm.weight": (128,),
+    "head.norm.bias": (128,),
+    "head.out.weight": (6, 128),
+    "head.out.bias": (6,),
+}
+CLIP, VALUE_BITS, MAX_WEIGHT = 1.0, 24, 100_000  # the run config's defaults
+RUN_ID, ROUND, GROUP = 0x5EC_A66, 3, "sensor"
+
+
+# ---------------------------------------------------------------------------------------- harness
+
+
+@dataclass
+class Contribution:
+    delta: dict[str, np.ndarray]
+    weight: int
+    rank: int
+    encoded: np.ndarray  # encoded ONCE: the same vector is masked and summed in plaintext
+
+
+def _params(n: int, **overrides: object) -> Params:
+    params = plan(
+        RUN_ID,
+        ROUND,
+        GROUP,
+        n,
+        vector_length(SHAPES),
+        clip=CLIP,
+        value_bits=VALUE_BITS,
+        max_weight=MAX_WEIGHT,
+        **overrides,  # type: ignore[arg-type]
+    )
+    return params
+
+
+def _contribution(rng: np.random.Generator, params: Params) -> Contribution:
+    rank = int(rng.choice([2, 4, 8]))
+    delta: dict[str, np.ndarray] = {}
+    for key, shape in SHAPES.items():
+        value = rng.normal(0.0, 0.02, size=shape).astype(np.float32)
+        if aggregation.is_column_key(key):
+            value[:, rank:] = 0.0  # a rank-r device trains B's first r columns only
+        delta[key] = value
+    weight = int(rng.integers(1, 501))
+    return Contribution(delta, weight, rank, encode_update(delta, weight, SHAPES, params, rank=rank))
+
+
+@dataclass
+class Round:
+    """A round's devices (protocol ids 1..n) and the server, stepped explicitly by the tests."""
+
+    params: Params
+    inputs: dict[int, Contribution]
+    server: ServerRound
+    sessions: dict[int, DeviceSession] = field(default_factory=dict)
+    peers: dict[int, dict[int, tuple[bytes, bytes]]] = field(default_factory=dict)  # device-side copy
+    reveals: dict[int, Reveal] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, n: int, seed: int, params: Params | None = None) -> Round:
+        params = params or _params(n)
+        rng = np.random.default_rng(seed)
+        inputs = {i: _contribution(rng, params) for i in range(1, n + 1)}
+        return cls(params, inputs, ServerRound(params))
+
+    def keys(self, ids: list[int] | None = None) -> None:
+        for i in ids or list(self.inputs):
+            session, c_pk, s_pk = device_keys(self.params, i)
+            self.sessions[i] = session
+            self.server.add_keys(i, c_pk, s_pk)
+
+    def mask(self, ids: list[int] | None = None) -> dict[int, tuple[dict[int, bytes], np.ndarray]]:
+        """Step 2 for `ids` (default: everyone who sent keys); replies are folded into the server."""
+        replies = {}
+        for i in ids if ids is not None else sorted(self.sessions):
+            self.peers[i] = self.server.peer_keys_for(i)
+            replies[i] = device_mask(self.sessions[i], self.params, self.peers[i], self.inputs[i].encoded)
+        for i, (sealed, masked) in replies.items():
+            self.server.add_masked(i, sealed, masked)
+        return replies
+
+    def unmask(self, ids: list[int] | None = None) -> None:
+        survivors, vanished = sorted(self.server.survivors), sorted(self.server.vanished())
+        for i in ids if ids is not None else survivors:
+            reveal = device_unmask(
+                self.sessions[i], self.params, survivors, vanished, self.server.sealed_for(i), self.peers[i]
+            )
+            # an honest device never reveals both secrets of one neighbour
+            assert not set(reveal.self_seed_shares) & set(reveal.pair_seeds)
+            self.reveals[i] = reveal
+            self.server.add_reveal(i, reveal)
+
+    def plain_sum(self, ids: set[int] | list[int]) -> np.ndarray:
+        """The plaintext modular sum of the same encoded inputs (uint64 wraps; reduce mod 2^m)."""
+        total = np.zeros(self.params.length, dtype=np.uint64)
+        for i in ids:
+            total += self.inputs[i].encoded
+        return total & np.uint64((1 << self.params.modulus_bits) - 1)
+
+
+def _weighted_sums(inputs: list[Contribution]) -> dict[str, np.ndarray]:
+    """sum_k w_k x_k and the per-key weight sums, in float64 (the exact, unquantized target)."""
+    out: dict[str, np.ndarray] = {}
+    for c in inputs:
+        for key, value in aggregation.contribution(c.delta, float(c.weight), c.rank).items():
+            if key.endswith(aggregation.WEIGHT):
+                add = value.astype(np.float64)
+            else:
+                add = np.clip(c.delta[key].astype(np.float64), -CLIP, CLIP) * c.weight
+            out[key] = out.get(key, 0) + add
+    return out
+
+
+def _check_decoded(r: Round, ids: set[int] | list[int], total: np.ndarray) -> dict[str, np.ndarray]:
+    decoded = decode_total(total, SHAPES, r.params)
+    inputs = [r.inputs[i] for i in ids]
+    expected = _weighted_sums(inputs)
+    assert set(decoded) == set(expected) == set(aggregation.expected_shapes(SHAPES))
+    bound = quantization_error_bound(CLIP, VALUE_BITS, len(inputs), max_weight=max(c.weight for c in inputs))
+    for key, value in decoded.items():
+        assert value.shape == expected[key].shape, key
+        if key.endswith(aggregation.WEIGHT):
+            np.testing.assert_array_equal(value, expected[key], err_msg=key)  # weights are exact
+        else:
+            assert np.max(np.abs(value - expected[key])) <= bound, key
+    return decoded
+
+
+# ------------------------------------------------------------------------------------ exact sums
+
+
+def test_params_travel_as_config_and_bind_the_session() -> None:
+    params = _params(10)
+    assert params.degree == 9 and params.threshold == 5  # n <= 100: the complete graph (SecAgg)
+    assert params.length == vector_length(SHAPES)
+    again = Params.from_config(params.to_config())
+    assert again == params and again.digest() == params.digest()
+    for change in ({"server_round": ROUND + 1}, {"run_id": RUN_ID + 1}, {"group": "phone"}, {"length": 1}):
+        assert dataclasses.replace(params, **change).digest() != params.digest()  # type: ignore[arg-type]
+    assert _params(10).graph_seed != params.graph_seed  # a fresh graph seed every round
+
+
+def test_secure_sum_equals_plain_modular_sum_and_decodes_to_the_weighted_mean() -> None:
+    r = Round.start(10, seed=1)
+    r.keys()
+    r.mask()
+    r.unmask()
+    total = r.server.finish()
+    assert total.dtype == np.uint64 and total.shape == (r.params.length,)
+    np.testing.assert_array_equal(total, r.plain_sum(r.inputs))  # exact, bit for bit
+
+    decoded = _check_decoded(r, list(r.inputs), total)
+
+    # Server side: one secure sum folded into the aggregation state vs the plain per-device sum.
+    rng = np.random.default_rng(99)
+    global_state = {k: rng.normal(0, 0.1, size=s).astype(np.float32) for k, s in SHAPES.items()}
+    secure = aggregation.apply(aggregation.add(aggregation.init(), decoded), global_state)
+    plain_state = aggregation.init()
+    for c in r.inputs.values():
+        aggregation.add(plain_state, aggregation.contribution(c.delta, float(c.weight), c.rank))
+    plain = aggregation.apply(plain_state, global_state)
+    mean_bound = quantization_error_bound(CLIP, VALUE_BITS, 1)  # a weighted mean is off < 1 quantum
+    for key in SHAPES:
+        assert secure[key].dtype == global_state[key].dtype == np.float32
+        tol = mean_bound + 2 * np.spacing(np.abs(plain[key]))  # + float32 rounding of the new state
+        assert np.all(np.abs(secure[key].astype(np.float64) - plain[key]) <= tol), key
+        assert not np.array_equal(secure[key], global_state[key]), key  # the model did move
+    # columns nobody trained keep their value; rank-2 columns are the mean over every device
+    ranks = {c.rank for c in r.inputs.values()}
+    for key in (k for k in SHAPES if aggregation.is_column_key(k)):
+        np.testing.assert_array_equal(
+            decoded[key + aggregation.WEIGHT][:2], sum(c.weight for c in r.inputs.values())
+        )
+        if max(ranks) < 8:
+            np.testing.assert_array_equal(secure[key][:, max(ranks) :], global_state[key][:, max(ranks) :])
+
+
+@pytest.mark.parametrize("n", [10, 20])
+def test_thirty_percent_vanish_after_keys_exact_sum_over_survivors(n: int) -> None:
+    r = Round.start(n, seed=n)
+    r.keys()
+    rng = np.random.default_rng(1000 + n)
+    gone = {int(i) for i in rng.choice(np.arange(1, n + 1), size=int(0.3 * n), replace=False)}
+    survivors = sorted(set(r.inputs) - gone)
+    r.mask(survivors)  # the vanished never answer step 2
+    assert r.server.survivors == set(survivors) and r.server.vanished() == gone
+    r.unmask()
+    for i in survivors:  # each survivor revealed its pairwise seeds with every vanished neighbour
+        assert set(r.reveals[i].pair_seeds) == gone & r.params.graph()[i]
+    total = r.server.finish()
+    np.testing.assert_array_equal(total, r.plain_sum(survivors))
+    _check_decoded(r, survivors, total)
+
+
+def test_device_vanishing_after_mask_is_still_in_the_sum() -> None:
+    r = Round.start(10, seed=3)
+    r.keys()
+    r.mask()
+    late = 4
+    r.unmask([i for i in r.inputs if i != late])  # device 4 never answers step 3
+    assert late not in r.reveals and late in r.server.survivors
+    held = r.server.shares[late]
+    assert late not in held and len(held) >= r.params.threshold  # its seed comes back from shares
+    total = r.server.finish()
+    np.testing.assert_array_equal(total, r.plain_sum(r.inputs))  # device 4's input is counted
+
+
+def test_vanishing_in_both_steps_among_neighbours_aborts_instead_of_a_wrong_sum() -> None:
+    # Design limit of the 3-step protocol: the pairwise mask between a device that vanished after
+    # step 1 and a neighbour that vanished after step 2 can only be revealed by those two devices
+    # (no Shamir shares of mask keys), so the server must abort rather than decode garbage.
+    r = Round.start(10, seed=4)
+    r.keys()
+    r.mask([i for i in r.inputs if i != 2])  # 2 vanishes after keys
+    r.unmask([i for i in r.server.survivors if i != 7])  # 7 vanishes after its masked vector
+    assert 2 in r.params.graph()[7]
+    with pytest.raises(SecAggAbort, match="pairwise seeds with vanished devices were not revealed"):
+        r.server.finish()
+
+
+def test_sparse_graph_round_with_dropouts() -> None:
+    # SecAgg+ proper: n = 40 with a low planned dropout rate gives a sparse neighbour graph.
+    n = 40
+    params = _params(n, dropout_rate=0.05)
+    assert params.degree < n - 1 and params.threshold <= params.degree
+    graph = params.graph()
+    assert all(len(graph[i]) >= params.degree for i in graph)
+    r = Round.start(n, seed=5, params=params)
+    # device 1 will vanish after step 2, so the three that vanish after keys (7.5%) are taken
+    # among its non-neighbours (see the test above for why); one more never answers step 1
+    late = 1
+    absent, *rest = sorted(set(range(2, n + 1)) - graph[late])[:4]
+    gone = set(rest)
+    assert len(gone) == 3
+    r.keys([i for i in r.inputs if i != absent])
+    r.mask([i for i in r.inputs if i not in gone | {absent}])
+    for i, peers in r.peers.items():  # a device gets the keys of its neighbours that sent any
+        assert set(peers) == graph[i] - {absent}
+    assert r.server.vanished() == gone  # never having sent keys is not vanishing
+    r.unmask([i for i in r.server.survivors if i != late])
+    total = r.server.finish()
+    survivors = sorted(set(r.inputs) - gone - {absent})
+    np.testing.assert_array_equal(total, r.plain_sum(survivors))
+    _check_decoded(r, survivors, total)
+
+
+# -------------------------------------------------------------------------------- below threshold
+
+
+def test_too_few_survivors_aborts_with_no_result() -> None:
+    r = Round.start(10, seed=6)
+    r.keys()
+    t = r.params.threshold
+    survivors = list(range(1, t))  # t - 1 masked vectors arrive
+    r.mask(survivors)
+    with pytest.raises(SecAggAbort, match="below the threshold"):
+        r.unmask()  # honest devices refuse to reveal anything for so few survivors
+    assert r.reveals == {} and r.server.shares == {} and r.server.pair_seeds == []
+    with pytest.raises(SecAggAbort, match="threshold"):
+        r.server.finish()
+
+
+def test_too_few_reveals_aborts_with_no_result() -> None:
+    r = Round.start(10, seed=7)
+    r.keys()
+    r.mask()
+    r.unmask(list(range(1, r.params.threshold)))  # only t - 1 devices answer step 3
+    with pytest.raises(SecAggAbort, match="shares of its mask seed"):
+        r.server.finish()
+
+
+def test_device_refuses_to_mask_with_too_few_live_neighbours() -> None:
+    r = Round.start(10, seed=8)
+    r.keys(list(range(1, r.params.threshold)))  # only t - 1 devices sent keys: t - 2 peers each
+    with pytest.raises(SecAggAbort, match="neighbours alive"):
+        r.mask([1])
+
+
+# --------------------------------------------------------------------- what the server receives
+
+
+def test_masked_vectors_look_uniform_and_uncorrelated_with_the_inputs() -> None:
+    r = Round.start(10, seed=9)
+    # devices 1 and 2 hold the very same encoded input
+    r.inputs[2] = dataclasses.replace(r.inputs[2], encoded=r.inputs[1].encoded.copy())
+    r.keys()
+    replies = r.mask()
+    m, length = r.params.modulus_bits, r.params.length
+    masked = {i: y for i, (_, y) in replies.items()}
+
+    def chi_square_top_bits(vectors: list[np.ndarray], bits: int = 8) -> float:
+        top = np.concatenate([v >> np.uint64(m - bits) for v in vectors]).astype(np.int64)
+        counts = np.bincount(top, minlength=2**bits)
+        expected = top.size / 2**bits
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    # chi-square, 255 degrees of freedom: P[X > 414.5] = 1e-9 for uniform residues
+    assert chi_square_top_bits(list(masked.values())) < 414.5
+    for y in masked.values():
+        assert y.dtype == np.uint64 and y.shape == (length,) and int(y.max()) < 2**m
+        assert chi_square_top_bits([y]) < 414.5
+    # the test has power: the encoded inputs themselves are nowhere near uniform
+    assert chi_square_top_bits([c.encoded for c in r.inputs.values()]) > 10_000
+
+    limit = 6 / np.sqrt(length)  # ~6 standard errors of a correlation of independent vectors
+    for i, y in masked.items():
+        x = r.inputs[i].encoded
+        signed = decode_signed(x, m).astype(np.float64)
+        for reference in (signed, x.astype(np.float64)):
+            corr = np.corrcoef(y.astype(np.float64), reference)[0, 1]
+            assert abs(corr) < limit, (i, corr)
+        assert np.mean(y == x) < 0.01  # and no coordinate passes through in the clear
+
+    # identical inputs, different masked vectors
+    assert np.array_equal(r.inputs[1].encoded, r.inputs[2].encoded)
+    assert np.mean(masked[1] == masked[2]) < 0.01
+    # ...and the round still sums exactly
+    r.unmask()
+    np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+
+
+# ------------------------------------------------------------------------ tampering and replays
+
+
+def test_tampered_share_is_named_and_the_round_completes() -> None:
+    r = Round.start(10, seed=10)
+    r.keys()
+    r.mask()
+    sender, receiver = 3, 8
+    ct = bytearray(r.server.sealed[receiver][sender])
+    ct[-1] ^= 0x01  # flip one bit of the GCM tag
+    r.server.sealed[receiver][sender] = bytes(ct)
+    r.unmask()
+    assert r.reveals[receiver].tampered == [sender]
+    assert sender not in r.reveals[receiver].self_seed_shares
+    assert all(not r.reveals[i].tampered for i in r.reveals if i != receiver)
+    assert receiver not in r.server.shares[sender]
+    assert len(r.server.shares[sender]) >= r.params.threshold  # the others' shares suffice
+    np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+
+
+def test_shares_from_another_round_or_run_do_not_open() -> None:
+    r = Round.start(6, seed=11)
+    r.keys()
+    r.mask()
+    receiver = 1
+    sealed = r.server.sealed_for(receiver)
+    survivors, vanished = sorted(r.server.survivors), []
+    for change in ({"server_round": ROUND + 1}, {"run_id": RUN_ID + 1}):
+        other = dataclasses.replace(r.params, **change)  # type: ignore[arg-type]
+        # The session is bound to its round's parameters: the device refuses outright...
+        with pytest.raises(ValueError, match="does not belong to this device's round"):
+            device_unmask(r.sessions[receiver], other, survivors, vanished, sealed, r.peers[receiver])
+        with pytest.raises(ValueError, match="does not belong to this device's round"):
+            device_mask(r.sessions[receiver], other, r.peers[receiver], r.inputs[receiver].encoded)
+        # ...and even a device reusing its keys in that round (Flamingo-style) cannot open them:
+        # the share key and the AES-GCM associated data both bind run and round.
+        reused = dataclasses.replace(r.sessions[receiver], params_digest=other.digest())
+        reveal = device_unmask(reused, other, survivors, vanished, sealed, r.peers[receiver])
+        assert reveal.tampered == sorted(sealed) and reveal.self_seed_shares == {}
+    # in the right round they open fine
+    reveal = device_unmask(r.sessions[receiver], r.params, survivors, vanished, sealed, r.peers[receiver])
+    assert reveal.tampered == [] and set(reveal.self_seed_shares) == set(sealed)
+
+
+def test_share_redirected_to_another_receiver_does_not_open() -> None:
+    r = Round.start(6, seed=12)
+    r.keys()
+    r.mask()
+    # the server swaps what 5 sent to 1 and what 5 sent to 2
+    r.server.sealed[1][5], r.server.sealed[2][5] = r.server.sealed[2][5], r.server.sealed[1][5]
+    r.unmask()
+    assert r.reveals[1].tampered == [5] and r.reveals[2].tampered == [5]
+    np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+
+
+# -------------------------------------------------------------------------- bad masked vectors
+
+
+def test_bad_masked_vectors_are_rejected_and_count_as_vanished() -> None:
+    r = Round.start(16, seed=13)  # t = 8: 11 survivors hold enough shares of each other
+    r.keys()
+    replies = {}
+    for i in r.inputs:
+        r.peers[i] = r.server.peer_keys_for(i)
+        replies[i] = device_mask(r.sessions[i], r.params, r.peers[i], r.inputs[i].encoded)
+    m = r.params.modulus_bits
+    out_of_range = replies[4][1].copy()
+    out_of_range[17] = np.uint64(1 << m)
+    bad = {
+        2: replies[2][1][:-1],  # one coordinate short
+        3: np.concatenate([replies[3][1], replies[3][1][:1]]),  # one too many
+        4: out_of_range,  # a residue outside [0, 2^m): would break the no-wrap guarantee
+        5: replies[5][1].astype(np.int64),  # wrong dtype
+        6: replies[6][1].reshape(-1, 1),  # not 1-D
+    }
+    for i, (sealed, y) in replies.items():
+        before = None if r.server.masked_sum is None else r.server.masked_sum.copy()
+        if i in bad:
+            with pytest.raises(MaskedVectorError):
+                r.server.add_masked(i, sealed, bad[i])
+            assert i not in r.server.survivors
+            # nothing of the rejected reply was kept
+            if before is None:
+                assert r.server.masked_sum is None
+            else:
+                np.testing.assert_array_equal(r.server.masked_sum, before)
+            assert all(i not in by_sender for by_sender in r.server.sealed.values())
+        else:
+            r.server.add_masked(i, sealed, y)
+    # a reply whose sealed shares are not addressed to exactly its neighbours is rejected too
+    sealed7, y7 = replies[7]
+    r2 = ServerRound(r.params, keys=dict(r.server.keys))
+    with pytest.raises(ValueError, match="sealed shares"):
+        r2.add_masked(7, {j: ct for j, ct in sealed7.items() if j != 1}, y7)
+    assert r2.survivors == set() and r2.masked_sum is None
+
+    assert r.server.vanished() == set(bad)
+    r.unmask()
+    good = sorted(set(r.inputs) - set(bad))
+    total = r.server.finish()
+    np.testing.assert_array_equal(total, r.plain_sum(good))
+    _check_decoded(r, good, total)
+
+
+def test_a_second_masked_vector_or_one_without_keys_is_refused() -> None:
+    r = Round.start(6, seed=14)
+    r.keys()
+    replies = r.mask()
+    sealed, y = replies[3]
+    before = r.server.masked_sum.copy()  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="already"):
+        r.server.add_masked(3, sealed, y)  # counted twice, it would silently corrupt the sum
+    np.testing.assert_array_equal(r.server.masked_sum, before)
+    # nor is a vector from a device that never sent keys (no one masked against it)
+    stranger = ServerRound(r.params, keys={i: k for i, k in r.server.keys.items() if i != 3})
+    with pytest.raises(ValueError, match="sent no keys"):
+        stranger.add_masked(3, {}, y)
+    assert stranger.masked_sum is None and stranger.survivors == set()
+    r.unmask()
+    np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+
+
+def test_device_refuses_to_reveal_for_a_node_both_survivor_and_vanished() -> None:
+    r = Round.start(6, seed=15)
+    r.keys()
+    r.mask()
+    survivors = sorted(r.server.survivors)
+    # a lying server claims device 2 vanished while listing it as a survivor: revealing both its
+    # self-mask share and its pairwise seed would let the server strip all of 2's masks
+    with pytest.raises(ValueError, match="both a survivor and vanished"):
+        device_unmask(r.sessions[1], r.params, survivors, [2], r.server.sealed_for(1), r.peers[1])
+    # refusing reveals nothing and leaves the device able to answer an honest request
+    reveal = device_unmask(r.sessions[1], r.params, survivors, [], r.server.sealed_for(1), r.peers[1])
+    assert set(reveal.self_seed_shares) == set(survivors) - {1} and reveal.pair_seeds == {}
