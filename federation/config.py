@@ -53,6 +53,14 @@ class RunConfig:
     secagg_clip: float  # updates are clipped to +-clip per coordinate before fixed-point encoding
     secagg_value_bits: int  # fixed-point bits per coordinate (sign included)
     dropout_after_keys: float  # simulation knob: fraction of devices vanishing after key sharing
+    device_clock: bool  # sample by simulated availability, over-select, deadline, dropouts
+    bench_alternate: bool  # benchmarks only: odd rounds plain, even rounds secure (same run)
+
+    def secure_round(self, server_round: int) -> bool:
+        """Whether this round aggregates securely."""
+        if self.bench_alternate:
+            return server_round % 2 == 0
+        return self.secure_aggregation
 
     def train_for(self, device_class: str) -> TrainSettings:
         """Local work of one device class: the scenario's steps unless local-steps is set."""
@@ -105,4 +113,6 @@ class RunConfig:
             secagg_clip=_get(cfg, "secagg-clip", float, 1.0, "positive"),
             secagg_value_bits=_get(cfg, "secagg-value-bits", int, 24, "positive"),
             dropout_after_keys=_get(cfg, "dropout-after-keys", float, 0.0, "nonneg"),
+            device_clock=_get(cfg, "device-clock", bool, True) and scenario.device_clock,
+            bench_alternate=_get(cfg, "bench-alternate", bool, False),
         )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from federation.data.common import stable_seed
-from federation.fleet import Device, fleet_data_clients, load_device_data
+from federation.fleet import Device, all_data_clients, fleet_data_clients, load_device_data
 from federation.scenarios import Scenario, get_scenario
 
 
@@ -28,7 +28,13 @@ class HeldOut:
 
 
 def fleet_devices(scenario: Scenario, device_class: str, seed: int, cache: str = "") -> list[Device]:
+    """The data clients whose held-out splits the fleet's devices hold, once each.
+
+    A synthetic fleet shards every natural client, so the union of its devices' held-out splits
+    is every natural client's held-out split."""
     count = scenario.fleet.get(device_class, 0)
+    if scenario.synthetic and count:
+        return [Device(device_class, c) for c in all_data_clients(device_class, cache)]
     return (
         [Device(device_class, c) for c in fleet_data_clients(device_class, count, seed, cache)]
         if count

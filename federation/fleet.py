@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from federation.data.common import stable_seed
-from federation.devices import class_tiers, default_catalogue, top_tier
+from federation.devices import DeviceProfile, class_tiers, default_catalogue, top_tier
 from federation.errors import FedgeError
-from federation.scenarios import DEVICE_TASK, Scenario, fleet_order
+from federation.scenarios import DEVICE_TASK, Scenario, partition_device
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class Device:
     data_client: str
     tier: str = ""  # hardware tier in the device catalogue; "" -> the class's top tier
     rank: int = field(init=False)  # the tier's LoRA rank (`lora_rank` in devices.toml)
+    batch_size: int = field(init=False)  # the largest batch the tier's memory budget allows
 
     def __post_init__(self) -> None:
         if self.device_class not in DEVICE_TASK:
@@ -45,6 +46,11 @@ class Device:
             )
         object.__setattr__(self, "tier", tier)
         object.__setattr__(self, "rank", profile.lora_rank)
+        object.__setattr__(self, "batch_size", profile.batch_size)
+
+    @property
+    def profile(self) -> DeviceProfile:
+        return default_catalogue()[(self.device_class, self.tier)]
 
     @property
     def task(self) -> str:
@@ -76,22 +82,49 @@ def fleet_data_clients(device_class: str, count: int, seed: int, cache: str = ""
     pool = all_data_clients(device_class, cache)
     if count > len(pool):
         raise FedgeError(
-            f"the fleet asks for {count} {device_class} devices but the dataset has {len(pool)} clients"
+            f"the fleet asks for {count} {device_class} devices but the dataset has {len(pool)} clients: "
+            "use fewer, or a synthetic scenario that shards the natural clients"
         )
     rng = np.random.default_rng(stable_seed("fleet", seed, device_class))
     return tuple(pool[i] for i in sorted(rng.choice(len(pool), size=count, replace=False)))
 
 
+SHARD = "#"  # "hamlet/HAM#3/17": shard 3 of 17 of a natural client (synthetic scale scenarios)
+
+
+def synthetic_data_client(device_class: str, index: int, count: int, seed: int, cache: str = "") -> str:
+    """The data of device `index` of `count` when there are more devices than natural clients.
+
+    Device i holds shard i // P of natural client perm(i mod P), P the natural clients: every
+    natural client is split into ceil(count / P) shards of its train and held-out splits.
+    Computed per device, so nothing grows with the fleet.
+    """
+    pool = all_data_clients(device_class, cache)
+    shards = -(-count // len(pool))
+    order = _client_permutation(device_class, len(pool), seed)
+    return f"{pool[order[index % len(pool)]]}{SHARD}{index // len(pool)}/{shards}"
+
+
+@functools.lru_cache(maxsize=8)
+def _client_permutation(device_class: str, n: int, seed: int) -> tuple[int, ...]:
+    return tuple(
+        int(i) for i in np.random.default_rng(stable_seed("fleet-shards", seed, device_class)).permutation(n)
+    )
+
+
 def device_for_partition(scenario: Scenario, partition_id: int, seed: int, cache: str = "") -> Device:
-    order = fleet_order(scenario)
-    if not 0 <= partition_id < len(order):
+    if not 0 <= partition_id < scenario.size:
         raise FedgeError(
-            f"partition-id {partition_id} is outside scenario {scenario.name!r}'s fleet of {len(order)}: "
-            f"run with --federation-config 'num-supernodes={len(order)}'"
+            f"partition-id {partition_id} is outside scenario {scenario.name!r}'s fleet of {scenario.size}: "
+            f"run with --federation-config 'num-supernodes={scenario.size}'"
         )
-    device_class, index = order[partition_id]
-    clients = fleet_data_clients(device_class, scenario.fleet[device_class], seed, cache)
-    return Device(device_class, clients[index], scenario.tier_of(device_class, index))
+    device_class, index = partition_device(scenario, partition_id)
+    count = scenario.fleet[device_class]
+    if scenario.synthetic:
+        client = synthetic_data_client(device_class, index, count, seed, cache)
+    else:
+        client = fleet_data_clients(device_class, count, seed, cache)[index]
+    return Device(device_class, client, scenario.tier_of(device_class, index))
 
 
 def _node_tier(node_config: Mapping[str, Any], device_class: str, default: str) -> str:
@@ -147,6 +180,10 @@ def load_device_data(device: Device, seed: int, seq_len: int = 32, cache: str = 
 
 @functools.lru_cache(maxsize=64)  # by data client, not by device: a tier does not change the data
 def _load_client_data(task: str, data_client: str, seed: int, seq_len: int, cache: str) -> Any:
+    if SHARD in data_client:
+        base, _, shard = data_client.rpartition(SHARD)
+        k, _, n = shard.partition("/")
+        return _shard(_load_client_data(task, base, seed, seq_len, cache), int(k), int(n))
     cache_path = Path(cache) if cache else None
     if task == "phone":
         from federation.data.phone import load_phone_client
@@ -159,6 +196,21 @@ def _load_client_data(task: str, data_client: str, seed: int, seq_len: int, cach
     from federation.data.sensor import load_sensor_client
 
     return load_sensor_client(data_client, seed)
+
+
+def _shard(data: Any, k: int, n: int) -> Any:
+    """Every n-th example from the k-th, of each split (train and held-out stay disjoint)."""
+    import dataclasses
+
+    fields = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+    out = {}
+    for name, value in fields.items():
+        if hasattr(value, "shape") and len(value) > 0:
+            picked = value[k::n]
+            out[name] = picked if len(picked) else value[:1]  # never empty: keep one example
+        else:
+            out[name] = value
+    return type(data)(**out)
 
 
 def num_train_examples(device: Device, data: Any) -> int:

@@ -12,7 +12,7 @@ the first r columns of each B; its delta is returned zero-padded to r_max, ready
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from federation.config import RunConfig
 from federation.fleet import Device
 from federation.model.edge import TaskModel, TVModel, cached_task_model
 from federation.training import (
+    TrainSettings,
     eval_phone,
     eval_sensor,
     eval_tv,
@@ -45,6 +46,13 @@ class LocalResult:
 def task_model(run: RunConfig, task: str, rank: int | None = None) -> TaskModel:
     """The process's task model at `rank` (default r_max: what the server and evaluation use)."""
     return cached_task_model(task, run.lora, run.seed, run.tv_user_dim, rank)
+
+
+def device_settings(run: RunConfig, device: Device) -> TrainSettings:
+    """The round's local work on this device: the scenario's steps, the batch its tier's memory
+    budget allows (capped by the run's batch-size). Its weight in the aggregate follows."""
+    settings = run.train_for(device.device_class)
+    return replace(settings, batch_size=min(settings.batch_size, device.batch_size))
 
 
 def training_rank(run: RunConfig, device: Device) -> int:
@@ -78,7 +86,7 @@ def local_train(
     model = task_model(run, device.task, rank)
     model.load_shared_state(shared)
     seed = round_seed(run.seed, device.data_client, server_round)
-    settings = run.train_for(device.device_class)
+    settings = device_settings(run, device)
     new_private = None
     if device.task == "phone":
         result = train_phone(model, data.train, settings, seed)  # type: ignore[arg-type]

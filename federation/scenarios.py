@@ -15,6 +15,7 @@ A device's tier sets its LoRA rank (`devices.toml`): a mixed-tier fleet is a mix
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from federation.errors import FedgeError
@@ -76,6 +77,20 @@ class Scenario:
     # caps on the server-side held-out evaluation per task (sequences / windows), drawn by seed
     eval_cap: dict[str, int] = field(default_factory=lambda: {"phone": 1024, "sensor": 100_000})
     tiers: dict[str, int] | None = None  # "class/tier" -> devices registered (derived from `fleet`)
+    # the simulated clock (federation/schedule.py): local hour of round 1, the round deadline,
+    # and the server's cadence between rounds
+    start_hour: float = 2.0
+    deadline_s: float = 30.0
+    round_interval_s: float = 300.0
+    # registered devices the server looks at per round (0: all); a large fleet checks in lazily
+    candidate_pool: int = 0
+    # devices per task evaluated on-device (0: all the registry knows)
+    eval_devices: int = 0
+    # more devices than the dataset's natural clients: each client's data is split in shards
+    synthetic: bool = False
+    # whether this scenario models availability and the round clock (run config device-clock
+    # can turn it off, not on)
+    device_clock: bool = True
 
     def __post_init__(self) -> None:
         where = f"scenario {self.name!r}:"
@@ -130,17 +145,19 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             name="smart-home",
             description=(
-                "a mixed home fleet: 16 phones (LoRA rank 2/4/8 by tier), 12 TVs (4/8), "
-                "8 watches (2/4); 12 devices per round"
+                "a mixed home fleet at night: 14 phones (LoRA rank 2/4/8 by tier), 10 TVs (4/8), "
+                "12 watches (2/4); up to 4 of each class per round, as availability allows"
             ),
+            # 36 devices; more watches than TVs because a watch is eligible (charging, on Wi-Fi)
+            # ~27% of the night against a TV's ~80%
             fleet={
-                "phone/low": 6,
-                "phone/mid": 6,
+                "phone/low": 5,
+                "phone/mid": 5,
                 "phone/high": 4,
-                "tv/mid": 8,
+                "tv/mid": 6,
                 "tv/high": 4,
-                "sensor/low": 4,
-                "sensor/high": 4,
+                "sensor/low": 6,
+                "sensor/high": 6,
             },
             per_round={"phone": 4, "tv": 4, "sensor": 4},
             rounds=12,
@@ -154,6 +171,7 @@ SCENARIOS: dict[str, Scenario] = {
             rounds=3,
             local_steps={"phone": 10, "tv": 10, "sensor": 30},
             eval_cap={"phone": 64, "sensor": 100_000},
+            device_clock=False,
         ),
         Scenario(
             name="bench-50",
@@ -163,20 +181,75 @@ SCENARIOS: dict[str, Scenario] = {
             rounds=3,
             local_steps={"phone": 10, "tv": 10, "sensor": 30},
             eval_cap={"phone": 64, "sensor": 100_000},
+            device_clock=False,
+        ),
+        Scenario(
+            name="scale-100",
+            description="fedge bench scale baseline: 100 registered devices, 100 per round (synthetic)",
+            fleet={
+                "phone/low": 20,
+                "phone/mid": 20,
+                "phone/high": 20,
+                "tv/mid": 15,
+                "tv/high": 10,
+                "sensor/low": 8,
+                "sensor/high": 7,
+            },
+            per_round={"phone": 60, "tv": 25, "sensor": 15},
+            rounds=3,
+            local_steps={"phone": 2, "tv": 2, "sensor": 5},
+            eval_cap={"phone": 64, "sensor": 256},
+            deadline_s=120.0,
+            eval_devices=10,
+            synthetic=True,
+        ),
+        Scenario(
+            name="scale-10k",
+            description="10,000 registered devices (synthetic shards of the natural clients), 100 per round",
+            fleet={
+                "phone/low": 2000,
+                "phone/mid": 2000,
+                "phone/high": 2000,
+                "tv/mid": 1500,
+                "tv/high": 1000,
+                "sensor/low": 800,
+                "sensor/high": 700,
+            },
+            per_round={"phone": 60, "tv": 25, "sensor": 15},
+            rounds=3,
+            local_steps={"phone": 2, "tv": 2, "sensor": 5},
+            eval_cap={"phone": 64, "sensor": 256},
+            deadline_s=120.0,
+            candidate_pool=600,
+            eval_devices=10,
+            synthetic=True,
+        ),
+        Scenario(
+            name="deploy-check",
+            description="3 watches, 1 secure round: a loopback deployment check (a process per message)",
+            fleet={"sensor/low": 2, "sensor/high": 1},
+            per_round={"sensor": 3},
+            rounds=1,
+            local_steps={"sensor": 10},
+            eval_cap={"sensor": 100_000},
+            device_clock=False,
         ),
         Scenario(
             name="smoke",
-            description="a quick check of the whole pipeline: 8 devices of mixed ranks, 2 rounds",
+            description="a quick check of the whole pipeline: 10 devices of mixed ranks, 2 secure rounds",
             fleet={
                 "phone/low": 1,
                 "phone/mid": 1,
                 "phone/high": 1,
                 "tv/mid": 2,
-                "tv/high": 1,
-                "sensor/low": 1,
+                "tv/high": 2,
+                "sensor/low": 2,
                 "sensor/high": 1,
             },
-            per_round={"phone": 2, "tv": 2, "sensor": 2},
+            # three of each class every round (a secure sum needs a few devices per task); no
+            # simulated availability: a 2-round pipeline check should not depend on who is awake
+            per_round={"phone": 3, "tv": 3, "sensor": 3},
+            device_clock=False,
             rounds=2,
             local_steps={"phone": 6, "tv": 6, "sensor": 20},
             eval_cap={"phone": 256, "sensor": 100_000},
@@ -193,7 +266,24 @@ def get_scenario(name: str) -> Scenario:
 
 
 def fleet_order(scenario: Scenario) -> list[tuple[str, int]]:
-    """(device class, index within class) for each partition id, classes interleaved."""
+    """(device class, index within class) for each partition id, classes interleaved.
+
+    Built once per process and scenario (a 10,000-device fleet is 10,000 small tuples)."""
+    return list(_fleet_order(scenario.name)) if scenario.name in SCENARIOS else _build_order(scenario)
+
+
+@functools.lru_cache(maxsize=8)
+def _fleet_order(name: str) -> tuple[tuple[str, int], ...]:
+    return tuple(_build_order(SCENARIOS[name]))
+
+
+def partition_device(scenario: Scenario, partition_id: int) -> tuple[str, int]:
+    """(device class, index within class) of one partition id, without copying the order."""
+    order = _fleet_order(scenario.name) if scenario.name in SCENARIOS else tuple(_build_order(scenario))
+    return order[partition_id]
+
+
+def _build_order(scenario: Scenario) -> list[tuple[str, int]]:
     order: list[tuple[str, int]] = []
     remaining = dict(scenario.fleet)
     index = dict.fromkeys(scenario.fleet, 0)

@@ -119,12 +119,19 @@ def check_in(grid: Grid, registry: Registry, nodes: list[int], timeout: float) -
         )
 
 
-def sample(registry: Registry, per_round: Mapping[str, int], seed: int, server_round: int) -> list[int]:
-    """Per class, a seeded draw of the round's devices among those checked in."""
+def sample(
+    registry: Registry,
+    per_round: Mapping[str, int],
+    seed: int,
+    server_round: int,
+    among: list[int] | None = None,
+) -> list[int]:
+    """Per class, a seeded draw of the round's devices among those checked in (or `among`)."""
     rng = np.random.default_rng(stable_seed("sample", seed, server_round))
+    allowed = set(among) if among is not None else None
     chosen: list[int] = []
     for device_class, count in per_round.items():
-        pool = registry.of_class(device_class)
+        pool = [n for n in registry.of_class(device_class) if allowed is None or n in allowed]
         if pool and count:
             # Draw indices: node ids are 64-bit unsigned and numpy would turn them into floats.
             picks = rng.choice(len(pool), size=min(count, len(pool)), replace=False)
@@ -147,6 +154,7 @@ class Federation:
             self._resume(run.initial_checkpoint)
         self.metrics_path = self.out / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
+        self.sim_time_s = run.scenario.start_hour * 3600.0  # the simulated clock (device-clock)
 
     def _resume(self, path: str) -> None:
         state, info = load_checkpoint(path)
@@ -180,7 +188,12 @@ class Federation:
         for task in tasks:
             arrays = _record(task_slice(self.state, task))
             config = ConfigRecord({"server-round": server_round, "task": task})
-            for node in self.registry.of_task(task):
+            nodes = self.registry.of_task(task)
+            cap = self.run.scenario.eval_devices
+            if cap and len(nodes) > cap:  # a fixed, seeded panel of devices: comparable across rounds
+                rng = np.random.default_rng(stable_seed("eval-panel", self.run.seed, task))
+                nodes = [nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=cap, replace=False))]
+            for node in nodes:
                 content = RecordDict({"arrays": arrays, "config": config})
                 messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
         sums: dict[str, dict[str, Any]] = {t: {} for t in tasks}
@@ -206,14 +219,79 @@ class Federation:
     def task_record(self, task: str) -> ArrayRecord:
         return _record(task_slice(self.state, task))
 
+    def candidates(self, server_round: int) -> list[int]:
+        """The registered nodes considered this round: all, or a seeded pool of a large fleet
+        (checked in lazily, so server memory follows the devices in flight, not the fleet)."""
+        pool = self.run.scenario.candidate_pool
+        if not pool:
+            return sorted(self.registry.nodes)
+        nodes = sorted(self.grid.get_node_ids())
+        rng = np.random.default_rng(stable_seed("candidates", self.run.seed, server_round))
+        picked = [
+            nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=min(pool, len(nodes)), replace=False))
+        ]
+        check_in(self.grid, self.registry, picked, self.run.round_timeout)
+        return [n for n in picked if n in self.registry.nodes]
+
+    def upload_bytes(self, task: str) -> int:
+        """What one device of `task` uploads: the masked uint64 vector, or float32 contribution."""
+        from federation.aggregation import expected_shapes
+        from federation.secagg.vector import vector_length
+
+        shapes = self.task_shapes(task)
+        if self.run.secure_aggregation:
+            return 8 * vector_length(shapes)
+        return 4 * sum(int(np.prod(s)) for s in expected_shapes(shapes).values())
+
+    def choose(self, server_round: int) -> tuple[list[int], dict[str, Any]]:
+        """The round's devices: by the simulated clock (eligibility, over-selection, deadline,
+        dropouts) when `device-clock` is on, else a plain seeded draw per class."""
+        nodes = self.candidates(server_round)
+        if not self.run.device_clock:
+            return sample(self.registry, self.run.scenario.per_round, self.run.seed, server_round, nodes), {}
+        from federation.devices import default_catalogue
+        from federation.schedule import Candidate, device_index, hour_of, plan_round
+
+        catalogue = default_catalogue()
+        download = {t: 4 * sum(int(np.prod(s)) for s in self.task_shapes(t).values()) for t in self.tasks}
+        upload = {t: self.upload_bytes(t) for t in self.tasks}
+        candidates = []
+        for node in nodes:
+            info = self.registry.nodes[node]
+            candidates.append(
+                Candidate(
+                    node,
+                    info.device_class,
+                    catalogue[(info.device_class, info.tier)],
+                    device_index(info.device_class, info.data_client),
+                    download[info.task],
+                    upload[info.task],
+                    self.run.train_for(info.device_class).steps,
+                )
+            )
+        start_hour = hour_of(self.sim_time_s)
+        plan = plan_round(
+            candidates,
+            self.run.scenario.per_round,
+            self.sim_time_s,
+            self.run.seed,
+            server_round,
+            self.run.scenario.deadline_s,
+        )
+        clock = {"sim_time_s": self.sim_time_s, "sim_hour": start_hour, **plan.account.to_dict()}
+        self.sim_time_s += plan.duration_s + self.run.scenario.round_interval_s
+        return plan.kept, clock
+
     def train_round(self, server_round: int) -> dict[str, Any]:
         start = time.perf_counter()
-        chosen = sample(self.registry, self.run.scenario.per_round, self.run.seed, server_round)
-        if self.run.secure_aggregation:
+        chosen, clock = self.choose(server_round)
+        if self.run.secure_round(server_round):
             from server.secagg import secure_train_round
 
             stats = secure_train_round(self, server_round, chosen)
             stats["train_wall_seconds"] = time.perf_counter() - start
+            if clock:
+                stats["clock"] = clock
             return stats
         records = {t: _record(task_slice(self.state, t)) for t in self.tasks}
         messages, download = [], 0
@@ -269,6 +347,7 @@ class Federation:
             "download_bytes": download,
             "train_loss": {t: float(np.mean(v)) for t, v in losses.items()},
             "train_wall_seconds": time.perf_counter() - start,
+            **({"clock": clock} if clock else {}),
         }
 
     def _check_reply(self, reply: Message, task: str, server_round: int) -> str | None:
@@ -331,7 +410,10 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
 
             held_out(run.scenario, task, run.seed, run.seq_len, run.cache_dir)
     nodes = _wait_for_nodes(grid, run.scenario.size)
-    check_in(grid, fed.registry, nodes, run.round_timeout)
+    if run.scenario.candidate_pool:
+        fed.candidates(0)  # a large fleet checks in lazily: a first seeded pool only
+    else:
+        check_in(grid, fed.registry, nodes, run.round_timeout)
     counts = {c: len(fed.registry.of_class(c)) for c in run.scenario.fleet}
     log(INFO, "fedge: %d devices checked in: %s", len(fed.registry.nodes), counts)
     last = run.rounds

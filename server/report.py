@@ -87,6 +87,44 @@ def plot(fed: Federation, directory: Path) -> None:
         fig.tight_layout()
         fig.savefig(directory / f"{task}.png", dpi=110)
         plt.close(fig)
+    clocked = [e for e in fed.history if "clock" in e]
+    if clocked:
+        plot_clock(fed, clocked, directory, plt)
+
+
+def plot_clock(fed: Federation, clocked: list[dict[str, Any]], directory: Path, plt: Any) -> None:
+    """Participation per device class, and each class's task metric, over simulated time."""
+    from federation.scenarios import DEVICE_TASK
+
+    hours = [e["clock"]["sim_time_s"] / 3600.0 for e in clocked]
+    classes = sorted({c for e in clocked for c in e["clock"]["per_class"]})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for device_class in classes:
+        for field, style in (("eligible", ":"), ("sampled", "--"), ("finished", "-")):
+            ys = [e["clock"]["per_class"].get(device_class, {}).get(field, 0) for e in clocked]
+            axes[0].plot(hours, ys, style, label=f"{device_class} {field}")
+        task = DEVICE_TASK[device_class]
+        name = PRIMARY_METRIC[task]
+        points = [
+            (
+                e["clock"]["sim_time_s"] / 3600.0,
+                (e.get("eval", {}).get(task) or e.get("federated", {}).get(task))[name],
+            )
+            for e in clocked
+            if e.get("eval", {}).get(task) or e.get("federated", {}).get(task)
+        ]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            axes[1].plot(xs, ys, "o-", label=f"{device_class}: {task} {name}")
+    axes[0].set_title(f"participation per class ({fed.run.scenario.name})")
+    axes[1].set_title("held-out metric per class")
+    for ax in axes:
+        ax.set_xlabel("simulated time (hours since midnight of day 0)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(directory / "participation.png", dpi=110)
+    plt.close(fig)
 
 
 def write_report(fed: Federation) -> dict[str, Any]:

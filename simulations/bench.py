@@ -43,7 +43,8 @@ def overhead(seed: int, console: Console) -> float:
     console.print(f"direct, ideal on 2 cores (half of it): {direct_1 / 2:.2f}s")
 
     with tempfile.TemporaryDirectory(prefix="fedge-bench-") as tmp:
-        out = simulate_scenario("bench", None, seed, Path(tmp), {}, quiet=True)
+        sets = {"secure-aggregation": False, "device-clock": False, "federated-eval-every": -1}
+        out = simulate_scenario("bench", None, seed, Path(tmp), sets, quiet=True)
         rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = [r["train_wall_seconds"] for r in rounds if r["round"] >= 2]
     flower = sum(steady) / len(steady)
@@ -56,16 +57,17 @@ def overhead(seed: int, console: Console) -> float:
     return ratio
 
 
-def _steady(out: Path) -> tuple[float, dict[str, float]]:
-    """Mean train-phase seconds of rounds >= 2 and their secure-aggregation stage split."""
+def _alternating(out: Path) -> tuple[float, float, dict[str, float]]:
+    """Mean train-phase seconds of the plain (odd, from 3) and secure (even) rounds of one run,
+    and the secure rounds' stage split. Round 1 pays actor start and imports: left out."""
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steady = [r for r in rounds if r["round"] >= 2]
-    seconds = sum(r["train_wall_seconds"] for r in steady) / len(steady)
+    plain = [r["train_wall_seconds"] for r in rounds if r["round"] >= 3 and r["round"] % 2 == 1]
+    secure = [r for r in rounds if r["round"] >= 2 and r["round"] % 2 == 0]
     stages: dict[str, float] = {}
-    for r in steady:
+    for r in secure:
         for stage, s in r.get("secagg_stage_seconds", {}).items():
-            stages[stage] = stages.get(stage, 0.0) + s / len(steady)
-    return seconds, stages
+            stages[stage] = stages.get(stage, 0.0) + s / len(secure)
+    return sum(plain) / len(plain), sum(r["train_wall_seconds"] for r in secure) / len(secure), stages
 
 
 def _legacy(scenario: str, secure: bool, seed: int, size: int, tmp: Path) -> float:
@@ -89,10 +91,12 @@ def _legacy(scenario: str, secure: bool, seed: int, size: int, tmp: Path) -> flo
 def secagg(seed: int, console: Console, sizes: tuple[int, ...] = (10, 50), legacy: bool = True) -> float:
     """Secure vs. plain rounds of the default edge model, fedge's protocol and Flower's legacy SecAgg+.
 
-    Each configuration is one Flower simulation of 2 rounds in which every device of the fleet
-    trains (the default local work: 10 MiniLM steps on a phone or TV, 30 on a watch); the figure
-    is round 2's train phase (round 1 pays actor start and imports). Prints a table; the last
-    line is fedge's secure/plain ratio at the largest size.
+    fedge: one Flower simulation per size whose rounds alternate plain (odd) and secure (even),
+    so both modes see the same machine conditions; every device of the fleet trains each round
+    (the default local work: 10 MiniLM steps on a phone or TV, 30 on a watch); round 1 (actor
+    start, imports) is left out; rounds 2-5 give two of each. Flower's legacy path: one run per
+    mode, round 2. Prints a table; the last line is fedge's secure/plain ratio at the largest
+    size.
     """
     from rich.table import Table
 
@@ -104,18 +108,11 @@ def secagg(seed: int, console: Console, sizes: tuple[int, ...] = (10, 50), legac
         tmp = Path(tmp_name)
         for size in sizes:
             scenario = scenarios[size]
-            times: dict[str, float] = {}
-            stages: dict[str, float] = {}
-            for secure in (False, True):
-                sets = {"secure-aggregation": secure, "federated-eval-every": -1}
-                out = simulate_scenario(scenario, 2, seed, tmp / f"{scenario}-{secure}", sets, quiet=True)
-                seconds, split = _steady(out)
-                times["secure" if secure else "plain"] = seconds
-                stages.update(split)
-                console.print(
-                    f"{size} devices/round, fedge {'secure' if secure else 'plain'}: {seconds:.2f}s"
-                )
-            row = {"size": size, **times, "ratio": times["secure"] / times["plain"], "stages": stages}
+            sets = {"bench-alternate": True, "device-clock": False, "federated-eval-every": -1}
+            out = simulate_scenario(scenario, 5, seed, tmp / scenario, sets, quiet=True)
+            plain, secure, stages = _alternating(out)
+            console.print(f"{size} devices/round, fedge: plain {plain:.2f}s, secure {secure:.2f}s")
+            row = {"size": size, "plain": plain, "secure": secure, "ratio": secure / plain, "stages": stages}
             if legacy:
                 for secure in (False, True):
                     key = "legacy_secure" if secure else "legacy_plain"
@@ -141,3 +138,28 @@ def secagg(seed: int, console: Console, sizes: tuple[int, ...] = (10, 50), legac
     last = rows[-1]
     console.print(f"fedge secure/plain ratio at {last['size']} devices/round: {last['ratio']:.2f}")
     return last["ratio"]
+
+
+def scale(seed: int, console: Console) -> float:
+    """Peak memory of a run with 100 and with 10,000 registered devices, 100 sampled per round.
+
+    Both are Flower simulations (one SuperNode per registered device) of the synthetic scale
+    scenarios; memory is the peak of the summed RSS of every process of the run (SuperLink,
+    simulation engine with the ServerApp, Ray, actors), sampled every second. The last line is
+    the ratio (goal: at most 1.2).
+    """
+    from simulations.cli import simulate_scenario
+
+    peaks: dict[str, int] = {}
+    times: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-scale-") as tmp:
+        for scenario in ("scale-100", "scale-10k"):
+            peak: list[int] = []
+            start = time.perf_counter()
+            simulate_scenario(scenario, None, seed, Path(tmp) / scenario, {}, quiet=True, peak_rss=peak)
+            times[scenario] = time.perf_counter() - start
+            peaks[scenario] = peak[0]
+            console.print(f"{scenario}: peak RSS {peak[0] / 2**30:.2f} GiB, {times[scenario]:.0f}s")
+    ratio = peaks["scale-10k"] / peaks["scale-100"]
+    console.print(f"peak RSS ratio, 10,000 vs 100 registered devices: {ratio:.2f}")
+    return ratio

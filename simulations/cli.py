@@ -71,6 +71,7 @@ def simulate_scenario(
     out: Path | None,
     sets: dict[str, object],
     quiet: bool = False,
+    peak_rss: list[int] | None = None,
 ) -> Path:
     from federation.scenarios import get_scenario
     from simulations.runner import run_flwr
@@ -105,7 +106,7 @@ def simulate_scenario(
             elif "checked in" in line:
                 progress.update(bar, status="devices checked in; round 0 evaluation")
 
-        code = run_flwr(config, spec.size, on_line=on_line, log_path=out / "flwr.log")
+        code = run_flwr(config, spec.size, on_line=on_line, log_path=out / "flwr.log", peak_rss=peak_rss)
     summary_path = out / "summary.json"
     if code != 0 or not summary_path.exists():
         detail = errors[-1] if errors else f"see {out / 'flwr.log'}"
@@ -197,6 +198,7 @@ def deploy_local_cmd(
         "out-dir": str(out),
         **_parse_sets(set_ or []),
     }
+    config.setdefault("device-clock", False)  # real nodes: availability is theirs, not simulated
     if rounds:
         config["num-rounds"] = rounds
     RunConfig.parse(config)
@@ -219,6 +221,14 @@ def bench_overhead(seed: int = 0) -> None:
     from simulations.bench import overhead
 
     overhead(seed, console)
+
+
+@bench_app.command("scale")
+def bench_scale(seed: int = 0) -> None:
+    """Peak RSS with 100 and with 10,000 registered devices (100 per round); last line: ratio."""
+    from simulations.bench import scale
+
+    scale(seed, console)
 
 
 @bench_app.command("secagg")

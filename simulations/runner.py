@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -104,6 +105,18 @@ def stop_processes(token: str, grace_s: float = 5.0) -> int:
     return len(procs) + len(late)
 
 
+def _sample_rss(token: str, peak: list[int], done: threading.Event, every_s: float = 1.0) -> None:
+    """Track the peak of the summed resident memory of every process of the run."""
+    while not done.wait(every_s):
+        total = 0
+        for proc in processes_with_token(token):
+            try:
+                total += proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        peak[0] = max(peak[0], total)
+
+
 def run_flwr(
     run_config: Mapping[str, object],
     num_supernodes: int,
@@ -112,6 +125,7 @@ def run_flwr(
     cpus_per_client: int = 1,
     timeout_s: float | None = None,
     app_dir: Path = APP_DIR,
+    peak_rss: list[int] | None = None,
 ) -> int:
     """`flwr run <fedge> local --stream` with a private environment; returns its exit code."""
     token = secrets.token_hex(8)
@@ -125,6 +139,12 @@ def run_flwr(
     ]  # fmt: skip
     log_file = log_path.open("w") if log_path else None
     proc: subprocess.Popen[str] | None = None
+    done = threading.Event()
+    sampler = None
+    if peak_rss is not None:
+        peak_rss[:] = [0]
+        sampler = threading.Thread(target=_sample_rss, args=(token, peak_rss, done), daemon=True)
+        sampler.start()
     try:
         proc = subprocess.Popen(
             cmd,
@@ -148,6 +168,9 @@ def run_flwr(
                 break
         return proc.wait()
     finally:
+        done.set()
+        if sampler is not None:
+            sampler.join(timeout=5)
         if proc and proc.poll() is None:
             proc.kill()
         stop_processes(token)

@@ -55,5 +55,5 @@ def test_held_out_loss_falls_and_metrics_improve(smoke_run: Path) -> None:
     for task, result in summary["tasks"].items():
         assert result["final"] > result["initial"], (task, result)
     participants = sum(sum(r.get("participants", {}).values()) for r in rounds)
-    assert participants == 2 * 6  # 2 rounds x (2 phones + 2 TVs + 2 sensors), none failed
+    assert participants == 2 * 9  # 2 rounds x (3 phones + 3 TVs + 3 watches), none failed
     assert all(r.get("failures", 0) == 0 and r.get("rejected", 0) == 0 for r in rounds)
