@@ -53,8 +53,10 @@ class RunConfig:
     secagg_clip: float  # updates are clipped to +-clip per coordinate before fixed-point encoding
     secagg_value_bits: int  # fixed-point bits per coordinate (sign included)
     dropout_after_keys: float  # simulation knob: fraction of devices vanishing after key sharing
+    secagg_min_devices: int  # a task's round needs at least this many devices to be aggregated
     device_clock: bool  # sample by simulated availability, over-select, deadline, dropouts
     bench_alternate: bool  # benchmarks only: odd rounds plain, even rounds secure (same run)
+    uniform_rank: int  # 0: each device trains its tier's LoRA rank; r: every device trains rank r
 
     def secure_round(self, server_round: int) -> bool:
         """Whether this round aggregates securely."""
@@ -113,6 +115,8 @@ class RunConfig:
             secagg_clip=_get(cfg, "secagg-clip", float, 1.0, "positive"),
             secagg_value_bits=_get(cfg, "secagg-value-bits", int, 24, "positive"),
             dropout_after_keys=_get(cfg, "dropout-after-keys", float, 0.0, "nonneg"),
+            secagg_min_devices=max(2, _get(cfg, "secagg-min-devices", int, 3, "positive")),
             device_clock=_get(cfg, "device-clock", bool, True) and scenario.device_clock,
             bench_alternate=_get(cfg, "bench-alternate", bool, False),
+            uniform_rank=_get(cfg, "uniform-rank", int, 0, "nonneg"),
         )

@@ -56,8 +56,9 @@ def device_settings(run: RunConfig, device: Device) -> TrainSettings:
 
 
 def training_rank(run: RunConfig, device: Device) -> int:
-    """The columns of B a device trains: its tier's rank, capped by the model's r_max."""
-    return min(device.rank, run.lora.rank)
+    """The columns of B a device trains: its tier's rank (or the run's `uniform-rank`), capped by
+    the model's r_max."""
+    return min(run.uniform_rank or device.rank, run.lora.rank)
 
 
 def _tv_tokens(run: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:

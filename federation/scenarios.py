@@ -202,6 +202,7 @@ SCENARIOS: dict[str, Scenario] = {
             deadline_s=120.0,
             eval_devices=10,
             synthetic=True,
+            device_clock=False,  # all 100 every round, as in scale-10k
         ),
         Scenario(
             name="scale-10k",

@@ -59,6 +59,11 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
     all_groups: list[Group] = []
     for task, nodes in by_task.items():
         shapes = fed.task_shapes(task)
+        if len(nodes) < run.secagg_min_devices:
+            # A sum of two updates tells each device the other's: too few to hide anyone.
+            log(WARNING, "fedge: round %d: only %d %s devices, secure aggregation needs %d; %s sits out",
+                server_round, len(nodes), task, run.secagg_min_devices, task)  # fmt: skip
+            continue
         try:
             params = plan(
                 fed.run_id % 2**63,

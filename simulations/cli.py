@@ -139,10 +139,11 @@ def scenarios() -> None:
     from federation.scenarios import SCENARIOS
 
     table = Table(title="scenarios")
-    for col in ("name", "devices", "per round", "rounds", "description"):
+    for col in ("name", "devices (class/tier)", "per round", "rounds", "description"):
         table.add_column(col)
     for s in SCENARIOS.values():
-        table.add_row(s.name, str(s.fleet), str(s.per_round), str(s.rounds), s.description)
+        fleet = ", ".join(f"{k} {n}" for k, n in (s.tiers or {}).items())
+        table.add_row(s.name, fleet, str(s.per_round), str(s.rounds), s.description)
     console.print(table)
 
 

@@ -22,6 +22,7 @@ B's gradient so that the step approximates a full-LoRA step (DESIGN.md: prefer i
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,7 +77,10 @@ def wrap_with_lora(
         lora_dropout=settings.dropout,
         bias="none",
     )
-    model = get_peft_model(backbone, config)
+    with warnings.catch_warnings():
+        # peft 0.21 asks transformers 5 a deprecated question; nothing for a user to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(backbone, config)
     for layer_name, layer in lora_layers(model).items():
         weight = layer.lora_A["default"].weight
         weight.data.copy_(shared_a(seed, name, layer_name, layer, r_max)[:rank])
