@@ -57,18 +57,17 @@ def _stored_private(context: Context):
 
 @app.query()
 def checkin(msg: Message, context: Context) -> Message:
-    """Tell the server who this device is (no data leaves: only class, task and sizes)."""
-    from federation.fleet import num_train_examples
-
+    """Tell the server who this device is: class, task, tier and rank. No data or data size
+    leaves (the aggregation weight stays inside the masked vectors). The data is loaded here so
+    that a missing dataset fails at check-in, not in round 1."""
     run, device = _setup(context)
-    data = _data(run, device)
+    _data(run, device)
     info = ConfigRecord(
         {"device-class": device.device_class, "task": device.task, "data-client": device.data_client}
     )
     info["tier"] = device.tier  # hardware tier (device catalogue)
     info["rank"] = device.rank  # the tier's LoRA rank
-    metrics = MetricRecord({"num-train-examples": num_train_examples(device, data)})
-    return Message(RecordDict({"device": info, "metrics": metrics}), reply_to=msg)
+    return Message(RecordDict({"device": info}), reply_to=msg)
 
 
 def train_locally(msg: Message, context: Context):

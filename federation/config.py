@@ -22,7 +22,7 @@ def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any, check: str 
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise FedgeError(
-            f"run config {key}={value!r} must be a {kind.__name__}: "
+            f"run config {key}={value!r} must be {'an' if kind is int else 'a'} {kind.__name__}: "
             f"fix it in [tool.flwr.app.config] or with -c '{key}=...'"
         )
     if check == "positive" and not value > 0:

@@ -39,7 +39,6 @@ class NodeInfo:
     device_class: str
     task: str
     data_client: str
-    num_examples: int
     tier: str = ""  # hardware tier, as the device reported it at check-in
     rank: int = 0  # its tier's LoRA rank
 
@@ -113,7 +112,6 @@ def check_in(grid: Grid, registry: Registry, nodes: list[int], timeout: float) -
             str(info["device-class"]),
             str(info["task"]),
             str(info["data-client"]),
-            int(reply.content["metrics"]["num-train-examples"]),
             str(info.get("tier", "")),
             int(info.get("rank", 0)),
         )

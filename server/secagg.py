@@ -44,9 +44,18 @@ def _message(node: int, message_type: str, config: Mapping[str, Any], **records:
     return Message(content, dst_node_id=node, message_type=message_type)
 
 
-def _round_ok(reply: Message, server_round: int) -> bool:
-    metrics = reply.content.get("metrics") if reply.has_content() else None
-    return metrics is not None and metrics.get("server-round") == server_round
+def _failed(reply: Message, server_round: int, stage: str) -> bool:
+    """Log and report a reply that cannot be used: an error, or one for another round."""
+    if reply.has_error():
+        reason = reply.error.reason
+    else:
+        metrics = reply.content.get("metrics") if reply.has_content() else None
+        if metrics is not None and metrics.get("server-round") == server_round:
+            return False
+        reason = "reply for another round"
+    node = reply.metadata.src_node_id
+    log(WARNING, "fedge: node %d failed in round %d (%s): %s", node, server_round, stage, reason)
+    return True
 
 
 def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) -> dict[str, Any]:
@@ -112,10 +121,8 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
     for reply in send_and_stream(fed.grid, messages, run.round_timeout):
         node = reply.metadata.src_node_id
         group = groups[node]
-        if reply.has_error() or not _round_ok(reply, server_round):
+        if _failed(reply, server_round, "keys + training"):
             stats["failures"] += 1
-            reason = reply.error.reason if reply.has_error() else "reply for another round"
-            log(WARNING, "fedge: node %d failed in round %d (keys): %s", node, server_round, reason)
             continue
         keys = reply.content["keys"]
         try:
@@ -144,15 +151,7 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
     for reply in send_and_stream(fed.grid, messages, run.round_timeout):
         node = reply.metadata.src_node_id
         group = groups[node]
-        if reply.has_error() or not _round_ok(reply, server_round):
-            reason = reply.error.reason if reply.has_error() else "reply for another round"
-            log(
-                WARNING,
-                "fedge: node %d vanished after sharing keys in round %d: %s",
-                node,
-                server_round,
-                reason,
-            )
+        if _failed(reply, server_round, "mask: vanished after sharing keys"):
             continue
         try:
             shares = reply.content["shares"]
@@ -185,9 +184,7 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
     for reply in send_and_stream(fed.grid, messages, run.round_timeout):
         node = reply.metadata.src_node_id
         group = groups[node]
-        if reply.has_error() or not _round_ok(reply, server_round):
-            reason = reply.error.reason if reply.has_error() else "reply for another round"
-            log(WARNING, "fedge: node %d did not unmask in round %d: %s", node, server_round, reason)
+        if _failed(reply, server_round, "unmask"):
             continue
         record = reply.content["reveal"]
         reveal = Reveal(

@@ -84,7 +84,12 @@ def simulate_scenario(
         config["num-rounds"] = rounds
     from federation.config import RunConfig
 
-    total = RunConfig.parse(config).rounds  # validates the config before anything starts
+    run = RunConfig.parse(config)  # validates the config before anything starts
+    total = run.rounds
+    if run.initial_checkpoint:
+        from federation.checkpoint import load_checkpoint
+
+        load_checkpoint(run.initial_checkpoint)  # a missing or corrupt checkpoint fails here, not in Ray
     errors: list[str] = []
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -252,7 +257,9 @@ def main() -> None:
     try:
         app()
     except FedgeError as exc:
-        console.print(f"[red]fedge: {exc}[/red]")
+        # one line, as written: no wrapping, no markup ("[tool.flwr.app.config]" is not a tag)
+        errors = Console(stderr=True, soft_wrap=True, highlight=False)
+        errors.print(f"fedge: {exc}", style="red", markup=False)
         raise SystemExit(2) from None
 
 

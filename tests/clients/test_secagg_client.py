@@ -35,22 +35,7 @@ RUN_ID = 2**63 + 4242  # a 64-bit Flower run id: the protocol carries it mod 2^6
 SERVER_ROUND, TASK = 3, "sensor"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _task_identity():
-    # Building a Message outside a Flower runtime needs this (internal API; FLOWER-1.42-NOTES §8).
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-@pytest.fixture(scope="module")
-def app():
-    from clients.client_app import app
-
-    return app
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 @pytest.fixture(scope="module")

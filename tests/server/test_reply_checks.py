@@ -22,15 +22,7 @@ ROUND = 3
 RUN_CONFIG = {"scenario": "smoke", "local-steps": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _task_identity():
-    # Building a Message outside a Flower runtime needs this (internal API; FLOWER-1.42-NOTES §8).
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 @pytest.fixture(scope="module")
