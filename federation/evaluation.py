@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ class HeldOut:
     """A task's central held-out set, plus the union of the same devices' training data."""
 
     task: str
-    test: tuple[torch.Tensor, ...]  # phone: (seqs,); sensor: (x, y)
+    test: tuple[torch.Tensor, ...]  # phone: (seqs,); tv: (items, labels); sensor: (x, y)
     clients: tuple[str, ...]
 
 
@@ -60,17 +61,34 @@ def _held_out(scenario_name: str, task: str, seed: int, seq_len: int, cache: str
             rng = np.random.default_rng(stable_seed("eval-cap", seed, task))
             seqs = seqs[np.sort(rng.choice(len(seqs), size=cap, replace=False))]
         return HeldOut(task, (seqs,), clients)
+    if task == "tv":  # the shared part alone (cold start): a new viewer has no private part yet
+        items = torch.cat([d.test_items for d in data])
+        labels = torch.cat([d.test_labels for d in data])
+        return HeldOut(task, (items, labels), clients)
     if task == "sensor":
         return HeldOut(
             task, (torch.cat([d.test_x for d in data]), torch.cat([d.test_y for d in data])), clients
         )
-    raise ValueError(f"task {task!r} has no server-side held-out set (its model has a private part)")
+    raise ValueError(f"unknown task {task!r}")
 
 
-def evaluate_central(model: torch.nn.Module, held: HeldOut) -> dict[str, float | list[float]]:
+def evaluate_central(
+    model: torch.nn.Module, held: HeldOut, cache: str = ""
+) -> dict[str, float | list[float]]:
     """Summed results of a task model on a central held-out set."""
-    from federation.training import eval_phone, eval_sensor
+    from federation.training import eval_phone, eval_sensor, eval_tv_cold_start
 
     if held.task == "phone":
         return eval_phone(model, held.test[0])  # type: ignore[arg-type]
+    if held.task == "tv":
+        from federation.data.tv import tv_items
+
+        catalogue = tv_items(cache=Path(cache) if cache else None)
+        return eval_tv_cold_start(
+            model,  # type: ignore[arg-type]
+            held.test[0],
+            held.test[1],
+            catalogue.input_ids,
+            catalogue.attention_mask,
+        )
     return eval_sensor(model, held.test[0], held.test[1])  # type: ignore[arg-type]

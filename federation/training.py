@@ -214,7 +214,22 @@ def eval_tv(
         user = personalize_tv(
             model, private, _item_embeddings(model, train_items, tokens, mask), train_labels, private_lr
         )
-    logits = model.score(_item_embeddings(model, test_items, tokens, mask), user)
+    return _binary_sums(model.score(_item_embeddings(model, test_items, tokens, mask), user), test_labels)
+
+
+@torch.no_grad()
+def eval_tv_cold_start(
+    model: TVModel, items: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float | list[float]]:
+    """Held-out sums of the shared part alone: a new viewer, private part zero (item bias +
+    global bias from the title + genres text). What federation improves, server-side."""
+    model.eval()
+    return _binary_sums(
+        model.score(_item_embeddings(model, items, tokens, mask), torch.zeros(model.user_dim + 1)), labels
+    )
+
+
+def _binary_sums(logits: torch.Tensor, test_labels: torch.Tensor) -> dict[str, float | list[float]]:
     probs = torch.sigmoid(logits)
     bins = (probs * AUC_BINS).long().clamp(0, AUC_BINS - 1)
     pos = torch.bincount(bins[test_labels > 0.5], minlength=AUC_BINS)

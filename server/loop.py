@@ -30,7 +30,9 @@ from federation.metrics import PRIMARY_METRIC, add_sums, finalize
 from federation.model.edge import initial_state, task_slice
 from server.messaging import send_and_stream
 
-SERVER_EVAL_TASKS = ("phone", "sensor")  # wholly shared models: evaluated on the server too
+# Evaluated on the server every round: phone and sensor (wholly shared models) and the TV's
+# shared part alone (cold start); TV with each viewer's private part is evaluated on the TVs.
+SERVER_EVAL_TASKS = ("phone", "tv", "sensor")
 NODE_WAIT_S = 30.0
 
 
@@ -177,7 +179,7 @@ class Federation:
             model = task_model(self.run, task)
             model.load_shared_state(task_slice(self.state, task))
             held = held_out(self.run.scenario, task, self.run.seed, self.run.seq_len, self.run.cache_dir)
-            results[task] = finalize(task, evaluate_central(model, held))
+            results[task] = finalize(task, evaluate_central(model, held, self.run.cache_dir))
         return results
 
     def evaluate_federated(self, server_round: int, tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:

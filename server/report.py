@@ -141,6 +141,10 @@ def write_report(fed: Federation) -> dict[str, Any]:
             "final": final,
             "final_metrics": last.get("eval", {}).get(task) or last.get("federated", {}).get(task, {}),
             "final_on_devices": last.get("federated", {}).get(task, {}),
+            "on_devices": {
+                "initial": first.get("federated", {}).get(task, {}).get(PRIMARY_METRIC[task]),
+                "final": last.get("federated", {}).get(task, {}).get(PRIMARY_METRIC[task]),
+            },
             "baselines": baselines(fed, task),
         }
     summary = {

@@ -49,19 +49,39 @@ def print_summary(summary: dict) -> None:
     table = Table(title=f"fedge {summary['scenario']}: held-out results after {summary['rounds']} rounds")
     for col in ("task", "metric", "initial", "final", "best baseline"):
         table.add_column(col)
+    for row in summary_rows(summary):
+        table.add_row(*row)
+    console.print(table)
+
+
+# Baselines that know the viewer only apply to the personalised (on-device) TV metric.
+VIEWER_BASELINES = ("user-mean", "user-item-bias")
+
+
+def summary_rows(summary: dict) -> list[tuple[str, ...]]:
+    """(task, metric, initial, final, best baseline) rows; TV gets one for the shared part
+    alone (server-side, cold start) and one with each viewer's private part (on devices)."""
+    rows = []
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for task, t in summary["tasks"].items():
         metric = t["metric"]
-        base = [
-            (name, vals.get(metric))
-            for name, vals in t.get("baselines", {}).items()
-            if vals.get(metric) is not None
-        ]
-        best = max(base, key=lambda b: b[1]) if base else None
-        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        table.add_row(
-            task, metric, fmt(t["initial"]), fmt(t["final"]), f"{best[0]} {best[1]:.4f}" if best else "-"
+        baselines = {n: v[metric] for n, v in t.get("baselines", {}).items() if v.get(metric) is not None}
+        personal = task == "tv" and t.get("on_devices", {}).get("initial") is not None
+        shared = {n: v for n, v in baselines.items() if not (personal and n in VIEWER_BASELINES)}
+        label = f"{task} (shared part, cold start)" if personal else task
+        best = max(shared.items(), key=lambda b: b[1]) if shared else None
+        rows.append(
+            (label, metric, fmt(t["initial"]), fmt(t["final"]), f"{best[0]} {best[1]:.4f}" if best else "-")
         )
-    console.print(table)
+        if personal:
+            viewer = {n: baselines[n] for n in VIEWER_BASELINES if n in baselines}
+            best = max(viewer.items(), key=lambda b: b[1]) if viewer else None
+            on = t["on_devices"]
+            rows.append(
+                (f"{task} (personalised, on devices)", metric, fmt(on["initial"]), fmt(on["final"]),
+                 f"{best[0]} {best[1]:.4f}" if best else "-")
+            )  # fmt: skip
+    return rows
 
 
 def simulate_scenario(

@@ -103,6 +103,8 @@ def tv_baselines(clients: list[TVClientData]) -> dict[str, dict[str, float]]:
     - majority: the more frequent train label for everyone (AUC 0.5 by construction).
     - user-mean: score = the viewer's mean train rating (the global mean for a viewer with no
       train ratings); liked iff score >= the threshold that maximises train accuracy.
+    - item-bias: rating ~ mu + b_i (item popularity, ridge-shrunk): the cold-start baseline
+      for the shared part alone, which knows no viewer.
     - user-item-bias: rating ~ mu + b_u + b_i, fit on the pooled train ratings by a few
       alternating closed-form ridge sweeps (item, then user; Koren's L2 strengths); items never
       rated in train get b_i = 0; the like threshold is again the train-accuracy maximiser.
@@ -127,9 +129,13 @@ def tv_baselines(clients: list[TVClientData]) -> dict[str, dict[str, float]]:
     user_mean = np.where(counts_u > 0, sums_u / np.maximum(counts_u, 1), mu)
     out["user-mean"] = _scored(user_mean[users_tr], y_tr, user_mean[users_te], y_te)
 
+    counts_i = np.bincount(items_tr, minlength=n_items)
+    # The cold-start baseline for the shared part alone (no viewer information): item popularity.
+    item_only = np.bincount(items_tr, weights=r_tr - mu, minlength=n_items) / (counts_i + ITEM_BIAS_L2)
+    out["item-bias"] = _scored(mu + item_only[items_tr], y_tr, mu + item_only[items_te], y_te)
+
     b_u = np.zeros(n_users)
     b_i = np.zeros(n_items)
-    counts_i = np.bincount(items_tr, minlength=n_items)
     for _ in range(BIAS_SWEEPS):
         b_i = np.bincount(items_tr, weights=r_tr - mu - b_u[users_tr], minlength=n_items) / (
             counts_i + ITEM_BIAS_L2
