@@ -1,0 +1,57 @@
+"""Secure aggregation under dropouts, through Flower's simulation engine.
+
+`dropout-after-keys` makes a seeded fraction of devices vanish after step 1 (they answer the
+keys + training exchange, then fail the mask exchange), as phones that lose Wi-Fi would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations.cli import simulate_scenario
+
+
+def _rounds(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def some_vanish(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sets = {"dropout-after-keys": 0.34, "federated-eval-every": -1}
+    return simulate_scenario("smoke", 2, 0, tmp_path_factory.mktemp("drop"), sets, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def all_vanish(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    sets = {"dropout-after-keys": 1.0, "federated-eval-every": -1}
+    return simulate_scenario("smoke", 2, 0, tmp_path_factory.mktemp("abort"), sets, quiet=True)
+
+
+def test_rounds_complete_over_the_survivors(some_vanish: Path) -> None:
+    rounds = _rounds(some_vanish)[1:]
+    completed = [r for r in rounds if r["aborted"] == []]
+    # at least one round lost devices after they shared keys, and still completed
+    assert any(r["vanished"] > 0 for r in completed)
+    for r in completed:
+        assert r["secure"] is True
+        # every device that did not vanish is in the sum
+        assert sum(r["participants"].values()) == r["sampled"] - r["vanished"]
+    log = (some_vanish / "flwr.log").read_text()
+    assert "vanished after sharing keys" in log and "secure sum of" in log
+    # the model still learned from the survivors
+    assert rounds[-1]["eval"]["phone"]["loss"] < _rounds(some_vanish)[0]["eval"]["phone"]["loss"]
+
+
+def test_below_threshold_the_round_aborts_and_the_model_is_unchanged(all_vanish: Path) -> None:
+    rounds = _rounds(all_vanish)
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # the next round ran
+    for r in rounds[1:]:
+        assert sorted(r["aborted"]) == ["phone", "sensor", "tv"]
+        assert r["participants"] == {}
+        # nothing was applied: the server-side held-out results are those of round 0, exactly
+        assert r["eval"] == rounds[0]["eval"]
+    log = (all_vanish / "flwr.log").read_text()
+    assert "update aborted, global phone model unchanged" in log
