@@ -64,6 +64,11 @@ def _held_out(scenario_name: str, task: str, seed: int, seq_len: int, cache: str
     if task == "tv":  # the shared part alone (cold start): a new viewer has no private part yet
         items = torch.cat([d.test_items for d in data])
         labels = torch.cat([d.test_labels for d in data])
+        cap = scenario.eval_cap.get("tv", len(items))
+        if len(items) > cap:
+            rng = np.random.default_rng(stable_seed("eval-cap", seed, task))
+            keep = np.sort(rng.choice(len(items), size=cap, replace=False))
+            items, labels = items[keep], labels[keep]
         return HeldOut(task, (items, labels), clients)
     if task == "sensor":
         return HeldOut(

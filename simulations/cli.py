@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -23,7 +24,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures (never timed tests).")
 app.add_typer(bench_app, name="bench")
-console = Console()
+# Wide enough for the benchmark tables when output goes to a file or a pipe (rich's default: 80).
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 ROUND_LINE = re.compile(r"fedge round (\d+)/(\d+) done in ([\d.]+)s: (.*)")
 

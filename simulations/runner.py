@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -66,11 +67,20 @@ def simulation_env(workdir: Path, token: str) -> dict[str, str]:
             "HF_HUB_DISABLE_PROGRESS_BARS": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "FEDGE_CACHE": real_cache,
+            # A private local SuperLink on free ports: concurrent runs never share (or stop) one.
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
             "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
             TOKEN_VAR: token,
         }
     )
     return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def processes_with_token(token: str) -> list[psutil.Process]:
@@ -87,9 +97,22 @@ def processes_with_token(token: str) -> list[psutil.Process]:
     return found
 
 
+def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
+    # Ray starts its dashboard and runtime-env agents with an environment of its own (no token)
+    # and they ignore SIGTERM: find them as descendants before their parents go.
+    seen = {p.pid: p for p in procs}
+    for proc in procs:
+        try:
+            for child in proc.children(recursive=True):
+                seen.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            continue
+    return list(seen.values())
+
+
 def stop_processes(token: str, grace_s: float = 5.0) -> int:
     """SIGTERM then SIGKILL every process of the run; returns how many were stopped."""
-    procs = processes_with_token(token)
+    procs = _with_descendants(processes_with_token(token))
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
@@ -104,6 +127,10 @@ def stop_processes(token: str, grace_s: float = 5.0) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     return len(procs) + len(late)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _sample_rss(token: str, peak: list[int], done: threading.Event, every_s: float = 1.0) -> None:
@@ -147,6 +174,9 @@ def run_flwr(
         sampler = threading.Thread(target=_sample_rss, args=(token, peak_rss, done), daemon=True)
         sampler.start()
     try:
+        # `kill PID` of fedge itself must still stop the run's processes (the finally below)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_exit)
         proc = subprocess.Popen(
             cmd,
             env=env,
