@@ -12,7 +12,7 @@ from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from clients.client_app import app, train_locally
+from clients.client_app import _setup, app, train_locally
 
 SESSION = "fedge.secagg"  # context.state: this round's secrets and peers (device-local)
 ENCODED = "fedge.secagg.input"  # context.state: the encoded (unmasked) contribution
@@ -106,15 +106,17 @@ def secagg_keys(msg: Message, context: Context) -> Message:
 
 
 def _simulated_dropout(context: Context, params: Any) -> bool:
-    """Simulation knob `dropout-after-keys`: this device vanishes after sharing its keys."""
-    from federation.config import RunConfig
+    """Simulation knob `dropout-after-keys`: this device vanishes after sharing its keys.
+
+    The draw is keyed on the run's seed, the round and the device's data, not on Flower's
+    random node and run ids, so the same run config drops the same devices every time."""
     from federation.data.common import stable_seed
 
-    fraction = RunConfig.parse(context.run_config).dropout_after_keys
-    if fraction <= 0:
+    run, device = _setup(context)
+    if run.dropout_after_keys <= 0:
         return False
-    draw = stable_seed("secagg-dropout", params.run_id, params.server_round, context.node_id) % 10_000
-    return draw < fraction * 10_000
+    draw = stable_seed("secagg-dropout", run.seed, params.server_round, device.data_client) % 10_000
+    return draw < run.dropout_after_keys * 10_000
 
 
 @app.train("secagg_mask")

@@ -236,6 +236,15 @@ SCENARIOS: dict[str, Scenario] = {
             device_clock=False,
         ),
         Scenario(
+            name="dropout-check",
+            description="10 watches, all every round: secure aggregation with devices vanishing",
+            fleet={"sensor/low": 5, "sensor/high": 5},
+            per_round={"sensor": 10},
+            rounds=2,
+            local_steps={"sensor": 10},
+            device_clock=False,
+        ),
+        Scenario(
             name="smoke",
             description="a quick check of the whole pipeline: 10 devices of mixed ranks, 2 secure rounds",
             fleet={
