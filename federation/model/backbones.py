@@ -67,6 +67,7 @@ def _text_backbone_prototype() -> BertModel:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the checkpoint's unused pooler is expected, not news
+    hf_logging.disable_progress_bar()
     model = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False)
     model.eval()
     for p in model.parameters():
