@@ -16,7 +16,6 @@ are cached per process.
 
 from __future__ import annotations
 
-import logging
 import os
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -25,7 +24,6 @@ from flwr.clientapp import ClientApp
 PRIVATE_KEY = "fedge.private"  # context.state key of a device's private part (never sent)
 
 app = ClientApp()
-log = logging.getLogger("fedge.client")
 
 
 def _setup(context: Context):

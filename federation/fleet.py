@@ -211,11 +211,3 @@ def _shard(data: Any, k: int, n: int) -> Any:
         else:
             out[name] = value
     return type(data)(**out)
-
-
-def num_train_examples(device: Device, data: Any) -> int:
-    if device.task == "phone":
-        return len(data.train)
-    if device.task == "tv":
-        return len(data.train_items)
-    return len(data.train_x)

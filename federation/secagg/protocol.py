@@ -33,6 +33,7 @@ are 64-bit and only the server needs them).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -74,8 +75,14 @@ class Params:
     def context(self, stage: str) -> bytes:
         return round_context(self.run_id, self.server_round, f"{self.group}:{stage}")
 
-    def graph(self) -> dict[int, frozenset[int]]:
+    @functools.cached_property
+    def _graph(self) -> dict[int, frozenset[int]]:
         return neighbours(list(range(1, self.n + 1)), self.degree, self.graph_seed)
+
+    def graph(self) -> dict[int, frozenset[int]]:
+        """The round's neighbour graph, built once per parameters object (the server asks per
+        device and stage)."""
+        return self._graph
 
     def to_config(self) -> dict[str, int | float | str | bytes]:
         return {
