@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from federation.errors import FedgeError
 from simulations.deploy import deploy_local
 
 DEADLINE_S = 600  # deploy_local's own; the watch below kills the run a minute later still
@@ -63,3 +64,16 @@ def test_every_node_listens_and_connects_on_loopback_only(deployment: tuple[Path
     assert sum("flower-supernode" in s.process for s in listening) >= 3, sorted(listening, key=str)
     assert any("flower-superlink" in s.process for s in listening), sorted(listening, key=str)
     assert not procs.non_loopback(), procs.non_loopback()
+
+
+def test_a_deployment_past_its_deadline_fails_clearly_and_stops_everything(
+    tmp_path: Path, run_processes: Any
+) -> None:
+    """A run that cannot finish in time (here: 3 s, less than starting the app takes) is stopped
+    by deploy_local's watchdog, whether or not it prints, with every process it started."""
+    config = {"scenario": "deploy-check", "seed": 0, "out-dir": str(tmp_path), "device-clock": False}
+    with run_processes(deadline_s=180) as procs, pytest.raises(FedgeError, match="did not finish within 3 s"):
+        deploy_local(config, log_dir=tmp_path / "logs", timeout_s=3)
+    assert not procs.timed_out
+    assert any("flower-superlink" in name for name in procs.names.values()), procs.names
+    assert not procs.leftovers(), procs.leftovers()
