@@ -26,7 +26,7 @@ from pathlib import Path
 
 from federation.errors import FedgeError
 from federation.scenarios import fleet_order, get_scenario
-from simulations.runner import APP_DIR, run_config_arg, simulation_env, stop_processes
+from simulations.runner import APP_DIR, run_config_arg, simulation_env, stop_processes, stream_output
 
 
 def free_port() -> int:
@@ -108,16 +108,15 @@ def deploy_local(
             cmd, env=env, cwd=str(APP_DIR), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         procs.append(run)  # type: ignore[arg-type]
-        start_time = time.monotonic()
-        assert run.stdout is not None
         with (logs / "flwr-run.log").open("w") as log_file:
-            for line in run.stdout:
+
+            def each_line(line: str) -> None:
                 log_file.write(line)
                 if on_line:
                     on_line(line.rstrip("\n"))
-                if time.monotonic() - start_time > timeout_s:
-                    break
-        return run.wait(timeout=30) if run.poll() is None else run.returncode
+
+            stream_output(run, each_line, timeout_s, what="the deployment's flwr run")
+        return run.wait(timeout=30)
     finally:
         for proc in reversed(procs):
             if proc.poll() is None:

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -133,6 +132,44 @@ def _raise_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def stream_output(
+    proc: subprocess.Popen[str],
+    on_line: Callable[[str], None],
+    timeout_s: float | None,
+    what: str = "flwr run",
+) -> None:
+    """Pass each line of `proc`'s stdout to `on_line` until it closes; after `timeout_s` seconds
+    kill `proc` and raise a FedgeError.
+
+    A watchdog thread enforces the deadline, so a process that hangs *silently* is stopped too
+    (a check between lines would wait forever for the next line).
+    """
+    from federation.errors import FedgeError
+
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
+    watchdog = threading.Timer(timeout_s, expire) if timeout_s else None
+    if watchdog is not None:
+        watchdog.daemon = True
+        watchdog.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            on_line(line)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+    if expired.is_set():
+        raise FedgeError(
+            f"{what} did not finish within {timeout_s:.0f} s: stopped it and every process it started"
+        )
+
+
 def _sample_rss(token: str, peak: list[int], done: threading.Event, every_s: float = 1.0) -> None:
     """Track the peak of the summed resident memory of every process of the run."""
     while not done.wait(every_s):
@@ -173,10 +210,11 @@ def run_flwr(
         peak_rss[:] = [0]
         sampler = threading.Thread(target=_sample_rss, args=(token, peak_rss, done), daemon=True)
         sampler.start()
+    previous_handler = None
     try:
         # `kill PID` of fedge itself must still stop the run's processes (the finally below)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_exit)
+            previous_handler = signal.signal(signal.SIGTERM, _raise_exit)
         proc = subprocess.Popen(
             cmd,
             env=env,
@@ -186,19 +224,19 @@ def run_flwr(
             text=True,
             bufsize=1,
         )
-        start = time.monotonic()
-        assert proc.stdout is not None
-        for line in proc.stdout:
+
+        def each_line(line: str) -> None:
             if log_file:
                 log_file.write(line)
                 log_file.flush()
             if on_line:
                 on_line(line.rstrip("\n"))
-            if timeout_s and time.monotonic() - start > timeout_s:
-                proc.terminate()
-                break
-        return proc.wait()
+
+        stream_output(proc, each_line, timeout_s)
+        return proc.wait(timeout=60)  # stdout closed: flwr run is exiting
     finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
         done.set()
         if sampler is not None:
             sampler.join(timeout=5)

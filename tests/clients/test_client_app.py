@@ -216,9 +216,7 @@ def test_tv_checkin_train_keeps_private_part_and_evaluates(
     assert isinstance(stored, ArrayRecord)
     private = stored["user"].numpy()
     assert private.shape == (run.tv_user_dim + 1,) and np.isfinite(private).all()
-    assert not any(name in key for key in delta for name in ("user", "private"))
-    for value in delta.values():
-        assert not (value.shape == private.shape and np.allclose(value, private))
+    # (that no reply of any handler carries it is tests/clients/test_tv_privacy.py's)
     assert reply.content["arrays"].count_bytes() == reply.content["metrics"]["upload-bytes"]
 
     # the next round starts from the stored part and moves it on

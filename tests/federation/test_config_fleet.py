@@ -7,9 +7,11 @@ the default fedge cache ($FEDGE_CACHE or ~/.cache/fedge), which holds the parsed
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -284,3 +286,55 @@ def test_checkpoint_with_nan_is_refused(tmp_path: Path, bad: float) -> None:
     state["sensor/head.bias"][3] = bad
     path = save_checkpoint(tmp_path, state, {"round": 2})
     assert "sensor/head.bias" in _one_line_error(path)
+
+
+def _torn_writer(real: Any, crash: BaseException) -> Any:
+    """`safetensors.numpy.save_file` crashing half-way: half the file is on disk, then it raises."""
+
+    def write(arrays: Any, filename: str, *args: Any, **kwargs: Any) -> None:
+        real(arrays, filename, *args, **kwargs)
+        raw = Path(filename).read_bytes()
+        Path(filename).write_bytes(raw[: len(raw) // 2])
+        raise crash
+
+    return write
+
+
+@pytest.mark.parametrize("crash", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+@pytest.mark.parametrize("part", ["safetensors", "json"])
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: str, crash: BaseException
+) -> None:
+    """Written atomically: a save that dies half-way through writing a file leaves that file
+    exactly as it was before (loadable), and no temp file behind."""
+    import safetensors.numpy
+
+    before, info = _state(), {"round": 1, "scenario": "smoke"}
+    path = save_checkpoint(tmp_path, before, info)
+    saved_bytes = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(saved_bytes) == {"checkpoint.safetensors", "checkpoint.json"}
+
+    newer = {k: v + 1 for k, v in before.items()}
+    if part == "safetensors":
+        monkeypatch.setattr(safetensors.numpy, "save_file", _torn_writer(safetensors.numpy.save_file, crash))
+    else:
+        real_write_text = Path.write_text
+
+        def torn_text(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
+            real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise crash
+
+        monkeypatch.setattr(Path, "write_text", torn_text)
+    with pytest.raises(type(crash)):
+        save_checkpoint(tmp_path, newer, {"round": 2, "scenario": "smoke"})
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(saved_bytes)  # no temp file left
+    assert (tmp_path / "checkpoint.json").read_bytes() == saved_bytes["checkpoint.json"]
+    assert json.loads((tmp_path / "checkpoint.json").read_text()) == info
+    loaded, loaded_info = load_checkpoint(path)
+    if part == "safetensors":  # the crash hit the state itself: the previous one, byte for byte
+        assert path.read_bytes() == saved_bytes["checkpoint.safetensors"]
+        assert loaded_info == info and all(loaded[k].tobytes() == v.tobytes() for k, v in before.items())
+    else:  # the state was already written whole (checkpoint.json only describes it)
+        assert loaded_info["round"] == 2 and all(loaded[k].tobytes() == v.tobytes() for k, v in newer.items())

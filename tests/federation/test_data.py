@@ -1,4 +1,5 @@
-"""The three datasets and their baselines: deterministic splits, disjoint held-out data, shapes.
+"""The three datasets and their baselines: deterministic splits, held-out data that no training
+tensor holds (checked by content), shapes.
 
 Everything preprocesses into the session's temporary cache (the `cache_dir` fixture), so the
 suite never touches ~/.cache/fedge and the phone corpus is tokenized once per session (~5 s).
@@ -67,6 +68,47 @@ def test_phone_split_is_deterministic_and_disjoint(cache_dir: Path) -> None:
     c = phone.load_phone_client(cid, 1, cache=cache_dir)
     assert torch.equal(a.train, b.train) and torch.equal(a.test, b.test)
     assert not torch.equal(a.test, c.test)
+
+
+@pytest.mark.parametrize("cid", ["hamlet/HAM", "macbeth/LADY MACBETH", "midsummer_nights_dream/BOTTOM"])
+def test_phone_training_text_holds_no_held_out_speech(cache_dir: Path, cid: str) -> None:
+    """By content: the test tensors hold exactly the held-out speeches' tokens, and no
+    HELD_NGRAM consecutive tokens of any of them occur in the training tensors."""
+    corpus = phone._corpus(phone._cache_path(cache_dir))
+    first, _ = corpus.role_speeches[cid]
+    _, test_idx = phone._split_speeches(cid, 0, cache_dir)
+    held = [corpus.tokens[corpus.speech_offsets[first + i] : corpus.speech_offsets[first + i + 1]].tolist()
+            for i in test_idx.tolist()]  # fmt: skip
+    data = phone.load_phone_client(cid, 0, cache=cache_dir)
+    test_speeches = _speeches(data.test)
+    # the chunker drops a tail of < MIN_REAL_TOKENS tokens: the last speech may lose its end
+    assert test_speeches[:-1] == held[: len(test_speeches) - 1]
+    assert held[len(test_speeches) - 1][: len(test_speeches[-1])] == test_speeches[-1]
+    held_grams = set().union(*(_ngrams(s) for s in held))
+    assert len(held_grams) > 20, "too little held-out text to look for"
+    train_grams = set().union(*(_ngrams(s) for s in _speeches(data.train)))
+    assert not train_grams & held_grams, f"{cid} trains on its held-out speeches"
+
+
+HELD_NGRAM = 16  # no 16-token run of a role's held-out speech recurs in its other speeches
+
+
+def _speeches(chunks: torch.Tensor) -> list[list[int]]:
+    """The token lists between [CLS]/[SEP]/pad of a chunked stream ([CLS] s1 [SEP] s2 ...)."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    for token in [*chunks.flatten().tolist(), 102]:
+        if token in (101, 102, phone.PAD_ID):
+            if current:
+                out.append(current)
+            current = []
+        else:
+            current.append(token)
+    return out
+
+
+def _ngrams(tokens: list[int]) -> set[tuple[int, ...]]:
+    return {tuple(tokens[i : i + HELD_NGRAM]) for i in range(len(tokens) - HELD_NGRAM + 1)}
 
 
 def test_phone_chunk_layout(cache_dir: Path, phone_ids: list[str]) -> None:
@@ -191,6 +233,26 @@ def test_tv_split_is_deterministic_and_disjoint(cache_dir: Path) -> None:
     assert not np.array_equal(tv._split_rows(cid, 0, cache_dir)[1], tv._split_rows(cid, 1, cache_dir)[1])
 
 
+def test_tv_held_out_ratings_are_never_training_ratings(cache_dir: Path) -> None:
+    """By content, against the raw MovieLens table: a viewer's train and test tensors together
+    are exactly their (title, rating) pairs, and no title is in both (each is rated once)."""
+    table = tv._table()
+    movie_ids = tv.tv_items(cache_dir).movie_ids
+    for cid in tv.tv_clients(cache_dir)[:5]:
+        own = table[table["userId"] == int(cid)]
+        assert own["movieId"].is_unique
+        raw = sorted(zip(own["movieId"].tolist(), own["rating"].astype(np.float32).tolist(), strict=True))
+        data = tv.load_tv_client(cid, 0, cache_dir)
+        train = _pairs(movie_ids, data.train_items, data.train_ratings)
+        test = _pairs(movie_ids, data.test_items, data.test_ratings)
+        assert sorted(train + test) == raw
+        assert test and not {m for m, _ in train} & {m for m, _ in test}, f"viewer {cid} trains on held-out"
+
+
+def _pairs(movie_ids: np.ndarray, items: torch.Tensor, ratings: torch.Tensor) -> list[tuple[int, float]]:
+    return list(zip(movie_ids[items.numpy()].tolist(), ratings.tolist(), strict=True))
+
+
 def test_tv_unknown_and_missing(monkeypatch: pytest.MonkeyPatch, cache_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FedgeError, match="'0'"):
         tv.load_tv_client("0", 0, cache_dir)
@@ -232,6 +294,30 @@ def test_sensor_split_is_deterministic_and_disjoint() -> None:
         assert int(a.train_y.max()) < sensor.N_CLASSES
     splits = {tuple(sensor._split_recordings("s3a", seed)[1].tolist()) for seed in range(4)}
     assert len(splits) > 1
+
+
+@pytest.mark.parametrize("cid", sensor.sensor_clients())
+def test_sensor_training_windows_hold_no_held_out_sample(cid: str) -> None:
+    """By content, against the raw recordings: every time sample of a training window comes from
+    one of the client's training recordings, every held-out window's from a held-out one, and
+    no sample of a held-out recording is in a training window (samples of 6 floats are unique)."""
+    data = sensor._watch()
+    mean, std = sensor.normalisation()
+    train_rec, test_rec = sensor._split_recordings(cid, 0)
+
+    def samples(recordings: np.ndarray) -> set[bytes]:
+        rows = [(np.asarray(data["X"][r], dtype=np.float32) - mean) / std for r in recordings.tolist()]
+        return {row.tobytes() for rec in rows for row in rec}
+
+    def window_samples(x: torch.Tensor) -> set[bytes]:
+        return {row.tobytes() for row in x.permute(0, 2, 1).reshape(-1, sensor.N_CHANNELS).numpy()}
+
+    client = sensor.load_sensor_client(cid, 0)
+    held_out, own_train = samples(test_rec), samples(train_rec)
+    trained = window_samples(client.train_x)
+    assert not trained & held_out, f"{cid}'s training windows hold samples of its held-out recordings"
+    assert trained <= own_train
+    assert window_samples(client.test_x) <= held_out
 
 
 def test_sensor_vendor_lab_normalisation() -> None:
