@@ -10,13 +10,14 @@ accuracy, AUC and macro-F1.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
 from federation.data.common import stable_seed
+from federation.defaults import run_default
 from federation.model.edge import PhoneModel, SensorModel, TaskModel, TVModel
 
 AUC_BINS = 200  # histogram bins for the federated AUC: error <= 1/AUC_BINS-ish, summable
@@ -27,13 +28,13 @@ SENSOR_LABEL_SMOOTHING = 0.1
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local work per round (a device budget caps steps and batch)."""
+    """Local work per round (a device budget caps steps and batch); defaults: pyproject.toml's."""
 
-    steps: int = 10
-    batch_size: int = 16
-    lr: float = 3e-3
-    head_lr: float = 3e-3
-    private_lr: float = 5e-2
+    steps: int
+    batch_size: int = field(default_factory=lambda: run_default("batch-size"))
+    lr: float = field(default_factory=lambda: run_default("lr"))
+    head_lr: float = field(default_factory=lambda: run_default("head-lr"))
+    private_lr: float = field(default_factory=lambda: run_default("private-lr"))
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:

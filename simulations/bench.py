@@ -29,7 +29,7 @@ def overhead(seed: int, console: Console) -> float:
 
     run = RunConfig.parse({"scenario": "bench", "seed": seed})
     devices = [device_for_partition(run.scenario, p, seed) for p in range(run.scenario.size)]
-    state = initial_state(run.scenario.tasks, run.lora, seed, run.tv_user_dim)
+    state = initial_state(run.scenario.tasks, run.lora, seed, run)
     data = [load_device_data(d, seed, run.seq_len) for d in devices]
     torch.set_num_threads(1)  # what one simulated device (one Ray actor) gets
     for task in run.scenario.tasks:  # warm-up: build each task model once

@@ -56,27 +56,25 @@ def print_summary(summary: dict) -> None:
     console.print(table)
 
 
-# Baselines that know the viewer only apply to the personalised (on-device) TV metric.
-VIEWER_BASELINES = ("user-mean", "user-item-bias")
-
-
 def summary_rows(summary: dict) -> list[tuple[str, ...]]:
-    """(task, metric, initial, final, best baseline) rows; TV gets one for the shared part
-    alone (server-side, cold start) and one with each viewer's private part (on devices)."""
+    """(task, metric, initial, final, best baseline) rows; a personalised task (TV) gets one for
+    the shared part alone (server-side, cold start) and one with each device's private part (on
+    devices), the baselines that know each device's data (`device_baselines`) going to the latter."""
     rows = []
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for task, t in summary["tasks"].items():
         metric = t["metric"]
         baselines = {n: v[metric] for n, v in t.get("baselines", {}).items() if v.get(metric) is not None}
-        personal = task == "tv" and t.get("on_devices", {}).get("initial") is not None
-        shared = {n: v for n, v in baselines.items() if not (personal and n in VIEWER_BASELINES)}
+        personal = bool(t.get("personalised")) and t.get("on_devices", {}).get("initial") is not None
+        device_baselines = t.get("device_baselines", [])
+        shared = {n: v for n, v in baselines.items() if not (personal and n in device_baselines)}
         label = f"{task} (shared part, cold start)" if personal else task
         best = max(shared.items(), key=lambda b: b[1]) if shared else None
         rows.append(
             (label, metric, fmt(t["initial"]), fmt(t["final"]), f"{best[0]} {best[1]:.4f}" if best else "-")
         )
         if personal:
-            viewer = {n: baselines[n] for n in VIEWER_BASELINES if n in baselines}
+            viewer = {n: baselines[n] for n in device_baselines if n in baselines}
             best = max(viewer.items(), key=lambda b: b[1]) if viewer else None
             on = t["on_devices"]
             rows.append(
@@ -180,18 +178,15 @@ def prepare() -> None:
     import time
 
     from federation.data.common import cache_dir
-    from federation.data.phone import phone_clients
-    from federation.data.sensor import sensor_clients
-    from federation.data.tv import tv_clients, tv_items
     from federation.model.backbones import minilm_dir, text_tokenizer
     from federation.model.imu import load_imu_encoder
+    from federation.tasks import get_task, known_tasks
 
     start = time.perf_counter()
     minilm_dir()
     text_tokenizer()
     load_imu_encoder()
-    counts = {"phone": len(phone_clients()), "tv": len(tv_clients()), "sensor": len(sensor_clients())}
-    tv_items()
+    counts = {name: get_task(name).prepare(None) for name in known_tasks()}
     console.print(f"data ready in {cache_dir()} ({time.perf_counter() - start:.1f}s): clients {counts}")
 
 

@@ -18,10 +18,10 @@ the first r columns of each B, and holds the other r_max - r merged into frozen 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,7 +37,9 @@ from federation.model.lora import (
     wrap_with_lora,
 )
 
-TASKS: tuple[str, ...] = ("phone", "tv", "sensor")
+if TYPE_CHECKING:
+    from federation.config import RunConfig
+
 TEXT_HIDDEN = 384
 SENSOR_LORA_TARGETS: tuple[str, ...] = ("conv2", "conv3", "proj")
 
@@ -262,44 +264,50 @@ def _seeded_init(module: nn.Module, seed: int, key: str) -> None:
 
 
 def build_task_model(
-    task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16, rank: int | None = None
+    task: str, lora: LoraSettings, seed: int, rank: int | None = None, run: RunConfig | None = None
 ) -> TaskModel:
-    """A fresh task model at the pretrained start (B = 0, seeded heads).
-
-    `rank`: the columns of each B it trains (default: all, r_max = `lora.rank`); its shared
-    state is r_max wide either way.
+    """A fresh model of a task (looked up in `federation.tasks`) at the pretrained start (B = 0,
+    seeded heads). `rank`: the columns of each B it trains (default: all, r_max = `lora.rank`);
+    its shared state is r_max wide either way. `run` carries task settings (None: defaults).
     """
+    from federation.tasks import get_task
+
     rank = lora.rank if rank is None else rank
     if not 1 <= rank <= lora.rank:
         raise ValueError(f"a task model's rank must lie in 1..{lora.rank} (r_max), got {rank}")
-    if task == "phone":
-        return PhoneModel(lora, seed, rank)
-    if task == "tv":
-        return TVModel(lora, seed, tv_user_dim, rank)
-    if task == "sensor":
-        return SensorModel(lora, seed, rank=rank)
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return get_task(task).build_model(lora, seed, rank, run)
 
 
 def cached_task_model(
-    task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16, rank: int | None = None
+    task: str, lora: LoraSettings, seed: int, rank: int | None = None, run: RunConfig | None = None
 ) -> TaskModel:
-    """One task model per process, setting and rank; callers load the round's shared state into it."""
-    return _cached_task_model(task, lora, seed, tv_user_dim, lora.rank if rank is None else rank)
+    """One task model per process, setting and rank; callers load the round's shared state into it.
+
+    Keyed by what the model is built from: task, LoRA settings, seed, rank and the run settings
+    the task says it reads (`Task.model_key`)."""
+    from federation.tasks import get_task
+
+    rank = lora.rank if rank is None else rank
+    key = (task, lora, seed, rank, get_task(task).model_key(run))
+    model = _MODELS.get(key)
+    if model is None:
+        if len(_MODELS) >= _MAX_CACHED_MODELS:  # a few tasks x a few ranks per run; drop the oldest
+            del _MODELS[next(iter(_MODELS))]
+        model = _MODELS[key] = build_task_model(task, lora, seed, rank, run)
+    return model
 
 
-@functools.lru_cache(maxsize=16)  # 3 tasks x a few ranks
-def _cached_task_model(task: str, lora: LoraSettings, seed: int, tv_user_dim: int, rank: int) -> TaskModel:
-    return build_task_model(task, lora, seed, tv_user_dim, rank)
+_MODELS: dict[tuple, TaskModel] = {}
+_MAX_CACHED_MODELS = 16
 
 
 def initial_state(
-    tasks: tuple[str, ...], lora: LoraSettings, seed: int, tv_user_dim: int = 16
+    tasks: tuple[str, ...], lora: LoraSettings, seed: int, run: RunConfig | None = None
 ) -> dict[str, np.ndarray]:
     """The global shared state at round 0, keys prefixed by task (`phone/lora....`)."""
     state: dict[str, np.ndarray] = {}
     for task in tasks:
-        fresh = build_task_model(task, lora, seed, tv_user_dim).shared_state()
+        fresh = build_task_model(task, lora, seed, run=run).shared_state()
         state.update({f"{task}/{k}": v for k, v in fresh.items()})
     return state
 

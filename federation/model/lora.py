@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from federation.data.common import stable_seed
+from federation.defaults import run_default
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,11 @@ class LoraSettings:
     """How a backbone is adapted. `rank` is r_max, the global adapter's width; one scaling
     (alpha / r_max) for every device, whatever its own rank."""
 
-    rank: int = 8
-    alpha: int = 16
-    targets: tuple[str, ...] = ("query", "value")
+    rank: int = field(default_factory=lambda: run_default("lora-rank"))
+    alpha: int = field(default_factory=lambda: run_default("lora-alpha"))
+    targets: tuple[str, ...] = field(
+        default_factory=lambda: tuple(t.strip() for t in run_default("lora-targets").split(",") if t.strip())
+    )
     dropout: float = 0.0
 
     def __post_init__(self) -> None:

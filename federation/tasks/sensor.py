@@ -1,0 +1,102 @@
+"""The sensor task: exercise recognition on a smartwatch's IMU (accelerometer + gyroscope).
+
+Data: seglearn's watch recordings, one client per subject half (`federation.data.sensor`);
+held-out: whole recordings. Model: the compact pretrained IMU encoder (a 1D-CNN; a sensor's
+model must fit a sensor), LoRA on its conv and projection layers, a linear head
+(`federation.model.edge.SensorModel`). Metrics: accuracy and macro-F1; baseline: the majority
+exercise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from federation.tasks.base import Sums, Task, TaskInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from federation.config import RunConfig
+    from federation.model.edge import TaskModel
+    from federation.model.lora import LoraSettings
+    from federation.training import TrainResult, TrainSettings
+
+
+class SensorTask(Task):
+    info = TaskInfo(
+        name="sensor",
+        description="exercise recognition from 2 s watch IMU windows, one device per subject half",
+        metrics=("accuracy", "macro_f1"),
+        primary_metric="accuracy",
+        flops_per_example=15e6,  # the IMU CNN on one 2 s window, forward + backward (devices.toml)
+        eval_cap=100_000,  # windows: the whole held-out set of any fleet
+    )
+
+    def clients(self, cache: Path | None) -> Sequence[str]:
+        from federation.data.sensor import sensor_clients
+
+        return sensor_clients()
+
+    def load_client(self, client_id: str, seed: int, *, seq_len: int, cache: Path | None) -> Any:
+        from federation.data.sensor import load_sensor_client
+
+        return load_sensor_client(client_id, seed)
+
+    def build_model(self, lora: LoraSettings, seed: int, rank: int, run: RunConfig | None) -> TaskModel:
+        from federation.model.edge import SensorModel
+
+        return SensorModel(lora, seed, rank=rank)
+
+    def train(
+        self,
+        model: TaskModel,
+        data: Any,
+        settings: TrainSettings,
+        seed: int,
+        *,
+        client_id: str,
+        run: RunConfig,
+        private: np.ndarray | None,
+    ) -> tuple[TrainResult, np.ndarray | None]:
+        from federation.training import train_sensor
+
+        return train_sensor(model, data.train_x, data.train_y, settings, seed), None  # type: ignore[arg-type]
+
+    def evaluate(
+        self, model: TaskModel, data: Any, *, client_id: str, run: RunConfig, private: np.ndarray | None
+    ) -> Sums:
+        from federation.training import eval_sensor
+
+        return eval_sensor(model, data.test_x, data.test_y)  # type: ignore[arg-type]
+
+    def held_out(self, data: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        import torch
+
+        return torch.cat([d.test_x for d in data]), torch.cat([d.test_y for d in data])
+
+    def evaluate_held_out(self, model: TaskModel, held: tuple[torch.Tensor, ...], run: RunConfig) -> Sums:
+        from federation.training import eval_sensor
+
+        return eval_sensor(model, held[0], held[1])  # type: ignore[arg-type]
+
+    def metrics(self, sums: Mapping[str, Any]) -> dict[str, float]:
+        from federation.metrics import macro_f1_from_confusion
+
+        confusion = sums["confusion"]
+        n_classes = round(np.sqrt(len(confusion)))
+        return {
+            "accuracy": float(sums["correct"]) / float(sums["count"]),
+            "macro_f1": macro_f1_from_confusion(confusion, n_classes),
+        }
+
+    def baselines(self, data: Sequence[Any], held: tuple[torch.Tensor, ...]) -> dict[str, dict[str, float]]:
+        from federation.data.baselines import sensor_baselines
+
+        return sensor_baselines(list(data))
+
+
+TASK = SensorTask()
