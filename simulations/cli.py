@@ -243,7 +243,7 @@ def bench_overhead(seed: int = 0) -> None:
     """Local training of the `bench` scenario's 10 devices directly vs. one Flower simulation round."""
     from simulations.bench import overhead
 
-    overhead(seed, console)
+    overhead(seed, console, simulate_scenario)
 
 
 @bench_app.command("scale")
@@ -251,7 +251,7 @@ def bench_scale(seed: int = 0) -> None:
     """Peak RSS with 100 and with 10,000 registered devices (100 per round); last line: ratio."""
     from simulations.bench import scale
 
-    scale(seed, console)
+    scale(seed, console, simulate_scenario)
 
 
 @bench_app.command("secagg")
@@ -267,7 +267,7 @@ def bench_secagg(
     unknown = set(parsed) - {10, 50}
     if unknown:
         raise FedgeError(f"--sizes {sorted(unknown)}: the benchmark fleets are 10 and 50 devices per round")
-    secagg(seed, console, parsed, legacy)
+    secagg(seed, console, simulate_scenario, parsed, legacy)
 
 
 def main() -> None:

@@ -177,7 +177,7 @@ class PhoneModel(TaskModel):
         )
         vocab = backbone.config.vocab_size
         self.head.register_parameter("bias", nn.Parameter(torch.zeros(vocab)))
-        _seeded_init(self.head, seed, "phone-head")
+        seeded_init(self.head, seed, "phone-head")
 
     def word_embeddings(self) -> torch.Tensor:
         return self.backbone.get_input_embeddings().weight  # frozen, tied
@@ -208,7 +208,7 @@ class TVModel(TaskModel):
         self._init_rank(lora, seed, rank)
         self.head = nn.ModuleDict({"item": nn.Linear(TEXT_HIDDEN, user_dim + 1)})
         self.head.register_parameter("global_bias", nn.Parameter(torch.zeros(1)))
-        _seeded_init(self.head, seed, "tv-head")
+        seeded_init(self.head, seed, "tv-head")
 
     def item_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[N, user_dim + 1]: item vector and item bias from the title + genres text."""
@@ -245,13 +245,13 @@ class SensorModel(TaskModel):
         # The frozen encoder's features are large (tens) and uncalibrated for a fresh head:
         # normalising them first keeps the first rounds' logits sane.
         self.head = nn.ModuleDict({"norm": nn.LayerNorm(FEATURES), "out": nn.Linear(FEATURES, n_classes)})
-        _seeded_init(self.head, seed, "sensor-head")
+        seeded_init(self.head, seed, "sensor-head")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head["out"](self.head["norm"](self.backbone(x)))
 
 
-def _seeded_init(module: nn.Module, seed: int, key: str) -> None:
+def seeded_init(module: nn.Module, seed: int, key: str) -> None:
     """Re-initialise a module's parameters deterministically (same on server and devices)."""
     gen = torch.Generator().manual_seed(stable_seed(key, seed))
     with torch.no_grad():
