@@ -353,7 +353,12 @@ def load_scenario_file(path: Path) -> Scenario:
             f"scenario file {path}: needs a [scenario] table and optional [devices.CLASS] tables, got {extra}"
         )
     if "devices" in raw:
-        add_classes(parse_catalogue(raw["devices"], str(path)), f"scenario file {path}")
+        from federation.tasks import get_task
+
+        added = parse_catalogue(raw["devices"], str(path))
+        for profile in added.values():  # an unknown task is refused before the catalogue changes
+            get_task(profile.task)
+        add_classes(added, f"scenario file {path}")
     fields = raw["scenario"]
     unknown = sorted(set(fields) - set(_SCENARIO_KEYS))
     if unknown:

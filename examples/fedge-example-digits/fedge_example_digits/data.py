@@ -43,7 +43,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise MissingPackageError("the digits dataset (package scikit-learn)", "pip install scikit-learn") from None
+        raise MissingPackageError("the digits dataset (scikit-learn)", "pip install scikit-learn") from None
     bunch = load_digits()
     return (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64)
 
@@ -76,7 +76,8 @@ def load_digits_client(client_id: str, seed: int) -> DigitsClientData:
     """A writer's images, a quarter held out (drawn from the run's seed and the writer)."""
     clients = _partition()[1]
     if client_id not in clients:
-        raise FedgeError(f"unknown digits client {client_id!r}: expected one of writer-00..writer-{N_WRITERS - 1}")
+        last = f"writer-{N_WRITERS - 1:02d}"
+        raise FedgeError(f"unknown digits client {client_id!r}: expected writer-00 .. {last}")
     x, y = _digits()
     rows = clients[client_id]
     train, test = split_indices(len(rows), TEST_FRACTION, stable_seed("digits", seed, client_id))

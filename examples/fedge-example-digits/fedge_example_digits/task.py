@@ -57,12 +57,17 @@ class DigitsEncoder(nn.Module):
 @functools.lru_cache(maxsize=1)
 def _shipped_state() -> dict[str, torch.Tensor]:
     if not ENCODER_FILE.exists():
-        raise FedgeError(f"the digits encoder {ENCODER_FILE} is missing: run `python -m fedge_example_digits.task`")
+        raise FedgeError(f"{ENCODER_FILE} is missing: run `python -m fedge_example_digits.task`")
     raw = json.loads(ENCODER_FILE.read_text())
-    return {
-        k: torch.from_numpy(np.frombuffer(base64.b64decode(v["data"]), dtype="<f4").reshape(v["shape"]).copy())
-        for k, v in raw["tensors"].items()
-    }
+    return {k: torch.from_numpy(_decode(v["data"]).reshape(v["shape"])) for k, v in raw["tensors"].items()}
+
+
+def _decode(data: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(data), dtype="<f4").copy()
+
+
+def _encode(value: torch.Tensor) -> str:
+    return base64.b64encode(value.detach().numpy().astype("<f4").tobytes()).decode()
 
 
 def load_encoder() -> DigitsEncoder:
@@ -85,8 +90,7 @@ def pretrain_encoder(epochs: int = 300, seed: int = 0) -> dict[str, float]:
         loss.backward()
         opt.step()
     tensors = {
-        k: {"shape": list(v.shape), "data": base64.b64encode(v.detach().numpy().astype("<f4").tobytes()).decode()}
-        for k, v in encoder.state_dict().items()
+        k: {"shape": list(v.shape), "data": _encode(v)} for k, v in encoder.state_dict().items()
     }
     with torch.no_grad():
         accuracy = float((head(encoder(x)).argmax(-1) == y).float().mean())
