@@ -1,6 +1,6 @@
 """Device profiles as data: the phone / sensor / TV catalogue, its validation, availability.
 
-A profile (DESIGN.md, "Devices") is what a simulated device can do and when it may take part:
+A profile (docs/architecture.md, "Devices") is what a simulated device can do and when it may take part:
 compute speed, memory budget (and the LoRA rank and batch it allows), up/down bandwidth, energy
 per step, a mid-round dropout probability, and availability: a daily online pattern plus the
 Gboard eligibility rule of training only while charging, idle and on an unmetered network

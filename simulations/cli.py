@@ -96,8 +96,10 @@ def simulate_scenario(
     from federation.scenarios import get_scenario
     from simulations.runner import run_flwr
 
+    if scenario.endswith(".toml"):  # a scenario file: every process of the run must find it
+        scenario = str(Path(scenario).resolve())
     spec = get_scenario(scenario)
-    out = (out or Path("results") / scenario / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    out = (out or Path("results") / spec.name / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
     if rounds:
@@ -160,13 +162,13 @@ def simulate(
 
 @app.command()
 def scenarios() -> None:
-    """List the named scenarios."""
-    from federation.scenarios import SCENARIOS
+    """List the named scenarios (built-in, then those installed packages declare)."""
+    from federation.scenarios import get_scenario, known_scenarios
 
     table = Table(title="scenarios")
     for col in ("name", "devices (class/tier)", "per round", "rounds", "description"):
         table.add_column(col)
-    for s in SCENARIOS.values():
+    for s in map(get_scenario, known_scenarios()):
         fleet = ", ".join(f"{k} {n}" for k, n in (s.tiers or {}).items())
         table.add_row(s.name, fleet, str(s.per_round), str(s.rounds), s.description)
     console.print(table)

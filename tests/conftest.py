@@ -16,7 +16,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def flower_task_identity() -> Iterator[None]:
     """Building a Message outside a Flower runtime needs a task identity (internal API;
-    FLOWER-1.42-NOTES.md section 8). Set it for a test module, then restore what was there."""
+    docs/architecture.md, "Flower 1.42 facts"). Set it for a test module, then restore what was there."""
     from flwr.supercore.task_identity import TaskIdentity
 
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)

