@@ -21,14 +21,14 @@ import numpy as np
 from federation.data.common import stable_seed
 from federation.devices import (
     DeviceProfile,
-    class_task,
     class_tiers,
     default_catalogue,
     device_classes,
     top_tier,
 )
 from federation.errors import FedgeError
-from federation.scenarios import Scenario, partition_device
+from federation.scenarios import Scenario, class_task_name, partition_device
+from federation.tasks import get_task
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,7 @@ class Device:
     @property
     def task(self) -> str:
         """The name of the task the device's class runs (resolved in `federation.tasks`)."""
-        from federation.tasks import get_task
-
         return get_task(self.profile.task).info.name
-
-
-def class_task_name(device_class: str) -> str:
-    """The name of the task a device class runs (its catalogue entry names it)."""
-    from federation.tasks import get_task
-
-    return get_task(class_task(device_class)).info.name
 
 
 def all_data_clients(device_class: str, cache: str = "") -> tuple[str, ...]:
@@ -82,8 +73,6 @@ def all_data_clients(device_class: str, cache: str = "") -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=8)
 def _task_clients(task: str, cache: str) -> tuple[str, ...]:
-    from federation.tasks import get_task
-
     return tuple(get_task(task).clients(Path(cache) if cache else None))
 
 
@@ -197,8 +186,6 @@ def _load_client_data(task: str, data_client: str, seed: int, seq_len: int, cach
         base, _, shard = data_client.rpartition(SHARD)
         k, _, n = shard.partition("/")
         return _shard(_load_client_data(task, base, seed, seq_len, cache), int(k), int(n))
-    from federation.tasks import get_task
-
     cache_path = Path(cache) if cache else None
     return get_task(task).load_client(data_client, seed, seq_len=seq_len, cache=cache_path)
 

@@ -10,22 +10,20 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from federation.errors import FedgeError
+from federation.tasks import BUILTIN, get_task, resolved_tasks
+
 
 class _PrimaryMetrics(Mapping[str, str]):
     """task name -> its primary metric (`TaskInfo.primary_metric`), over the built-in tasks and
     every task this process has resolved: a view of the task registry, not a second table."""
 
     def _table(self) -> dict[str, str]:
-        from federation.tasks import BUILTIN, get_task, resolved_tasks
-
         table = {name: get_task(name).info.primary_metric for name in BUILTIN}
         table.update({name: task.info.primary_metric for name, task in resolved_tasks().items()})
         return table
 
     def __getitem__(self, task: str) -> str:
-        from federation.errors import FedgeError
-        from federation.tasks import get_task
-
         try:
             return get_task(task).info.primary_metric
         except FedgeError:
@@ -75,8 +73,6 @@ def macro_f1_from_confusion(confusion: Sequence[float], n_classes: int) -> float
 def finalize(task: str, sums: Mapping[str, float | Sequence[float]]) -> dict[str, float]:
     """Metrics of one task from its summed evaluation results: mean loss, examples, and the
     task's own metrics (`Task.metrics`)."""
-    from federation.tasks import get_task
-
     count = float(sums.get("count", 0.0))  # type: ignore[arg-type]
     if count <= 0:
         return {}

@@ -29,9 +29,17 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from federation.devices import add_classes, class_task, class_tiers, device_classes, parse_catalogue, top_tier
 from federation.errors import FedgeError
+from federation.tasks import get_task
 
 SCENARIO_ENTRY_POINTS = "fedge.scenarios"
+
+
+def class_task_name(device_class: str) -> str:
+    """The name of the task a device class runs: its catalogue entry names it, the task registry
+    resolves the name (or `module:attribute`), refusing an unknown one."""
+    return get_task(class_task(device_class)).info.name
 
 
 def _positive_counts(where: str, counts: dict[str, int]) -> None:
@@ -42,8 +50,6 @@ def _positive_counts(where: str, counts: dict[str, int]) -> None:
 
 def _tier_counts(where: str, counts: dict[str, int]) -> dict[str, int]:
     """`{"class/tier": n}` (n > 0) from counts keyed `"class/tier"` or `"class"` (its top tier)."""
-    from federation.devices import class_tiers, device_classes, top_tier
-
     tiers: dict[str, int] = {}
     for key, n in counts.items():
         device_class, _, tier = key.partition("/")
@@ -138,14 +144,10 @@ class Scenario:
     def tasks(self) -> tuple[str, ...]:
         """The names of the tasks the fleet's classes run, in fleet order; resolving them here
         refuses an unknown task (naming the known ones) before anything starts."""
-        from federation.fleet import class_task_name
-
         return tuple(dict.fromkeys(class_task_name(c) for c in self.fleet))
 
     def class_task(self, device_class: str) -> str:
         """The name of the task a class of this fleet runs."""
-        from federation.fleet import class_task_name
-
         return class_task_name(device_class)
 
     def class_tiers(self, device_class: str) -> dict[str, int]:
@@ -339,8 +341,6 @@ def load_scenario_file(path: Path) -> Scenario:
     """A scenario from a TOML file: a `[scenario]` table with `Scenario`'s fields (`fleet`,
     `per_round` and `local_steps` as inline tables), and optionally `[devices.CLASS]` tables in
     the layout of `federation/devices.toml`, which add device classes to the catalogue."""
-    from federation.devices import add_classes, parse_catalogue
-
     try:
         raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -353,8 +353,6 @@ def load_scenario_file(path: Path) -> Scenario:
             f"scenario file {path}: needs a [scenario] table and optional [devices.CLASS] tables, got {extra}"
         )
     if "devices" in raw:
-        from federation.tasks import get_task
-
         added = parse_catalogue(raw["devices"], str(path))
         for profile in added.values():  # an unknown task is refused before the catalogue changes
             get_task(profile.task)

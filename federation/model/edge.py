@@ -32,6 +32,7 @@ from federation.model.lora import (
     lora_product,
     shared_a,
 )
+from federation.tasks import get_task
 
 if TYPE_CHECKING:
     from federation.config import RunConfig
@@ -168,8 +169,6 @@ def build_task_model(
     seeded heads). `rank`: the columns of each B it trains (default: all, r_max = `lora.rank`);
     its shared state is r_max wide either way. `run` carries task settings (None: defaults).
     """
-    from federation.tasks import get_task
-
     rank = lora.rank if rank is None else rank
     if not 1 <= rank <= lora.rank:
         raise ValueError(f"a task model's rank must lie in 1..{lora.rank} (r_max), got {rank}")
@@ -183,8 +182,6 @@ def cached_task_model(
 
     Keyed by what the model is built from: task, LoRA settings, seed, rank and the run settings
     the task says it reads (`Task.model_key`)."""
-    from federation.tasks import get_task
-
     rank = lora.rank if rank is None else rank
     key = (task, lora, seed, rank, get_task(task).model_key(run))
     model = _MODELS.get(key)

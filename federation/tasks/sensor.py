@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from federation.metrics import macro_f1_from_confusion
 from federation.model.edge import TaskModel, seeded_init
 from federation.model.lora import LoraSettings, wrap_with_lora
 from federation.tasks.base import Sums, Task, TaskInfo
@@ -116,8 +117,6 @@ class SensorTask(Task):
         return eval_sensor(model, held[0], held[1])  # type: ignore[arg-type]
 
     def metrics(self, sums: Mapping[str, Any]) -> dict[str, float]:
-        from federation.metrics import macro_f1_from_confusion
-
         confusion = sums["confusion"]
         n_classes = round(np.sqrt(len(confusion)))
         return {

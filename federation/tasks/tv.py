@@ -26,6 +26,7 @@ from torch import nn
 
 from federation.data.common import stable_seed
 from federation.defaults import run_default
+from federation.metrics import auc_from_histograms
 from federation.model.backbones import TEXT_HIDDEN
 from federation.model.edge import TaskModel, seeded_init
 from federation.model.lora import LoraSettings, wrap_with_lora
@@ -288,8 +289,6 @@ class TVTask(Task):
         return eval_tv_cold_start(model, held[0], held[1], tokens, mask)  # type: ignore[arg-type]
 
     def metrics(self, sums: Mapping[str, Any]) -> dict[str, float]:
-        from federation.metrics import auc_from_histograms
-
         return {
             "accuracy": float(sums["correct"]) / float(sums["count"]),
             "auc": auc_from_histograms(sums["pos_hist"], sums["neg_hist"]),
