@@ -335,6 +335,13 @@ def get_scenario(name: str) -> Scenario:
 
 
 _SCENARIO_KEYS = tuple(f.name for f in dataclasses.fields(Scenario) if f.name not in ("tiers", "source"))
+_SCENARIO_KINDS: dict[str, type] = {
+    **dict.fromkeys(("name", "description"), str),
+    **dict.fromkeys(("fleet", "per_round", "local_steps", "eval_cap"), dict),
+    **dict.fromkeys(("rounds", "candidate_pool", "eval_devices"), int),
+    **dict.fromkeys(("start_hour", "deadline_s", "round_interval_s"), float),
+    **dict.fromkeys(("synthetic", "device_clock"), bool),
+}
 
 
 def load_scenario_file(path: Path) -> Scenario:
@@ -362,6 +369,14 @@ def load_scenario_file(path: Path) -> Scenario:
     if unknown:
         known = ", ".join(_SCENARIO_KEYS)
         raise FedgeError(f"scenario file {path}: unknown key `{unknown[0]}` in [scenario] (known: {known})")
+    for key, value in fields.items():
+        kind = _SCENARIO_KINDS[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok or (kind in (int, float) and value < 0):
+            what = {dict: "a table", str: "a string", bool: "true or false"}.get(kind, "a number >= 0")
+            raise FedgeError(f"scenario file {path}: `{key}` must be {what}, got {value!r}")
     try:
         return Scenario(**fields)
     except TypeError as exc:  # a missing field

@@ -234,6 +234,26 @@ def test_unknown_classes_and_redefinitions_are_refused(tmp_path: Path) -> None:
         get_scenario("smart-hom")
 
 
+@pytest.mark.parametrize(
+    ("line", "replacement", "words"),
+    [
+        ("rounds = 1", 'rounds = "one"', "`rounds` must be a number >= 0"),
+        ("rounds = 1", "rounds = 1\ncolour = 'red'", "unknown key `colour` in [scenario]"),
+        ("device_clock = false", "device_clock = 0", "`device_clock` must be true or false"),
+        ('name = "bad"', "", "missing 1 required positional argument: 'name'"),
+    ],
+)
+def test_a_malformed_scenario_file_is_refused_naming_the_key(
+    tmp_path: Path, line: str, replacement: str, words: str
+) -> None:
+    text = _scenario_file(tmp_path, "slate", "phone", name="bad").read_text()
+    assert line in text
+    (tmp_path / "bad.toml").write_text(text.replace(line, replacement, 1))
+    with pytest.raises(FedgeError) as info:
+        load_scenario_file(tmp_path / "bad.toml")
+    assert words in str(info.value) and "bad.toml" in str(info.value)
+
+
 def test_a_class_must_name_its_task_at_class_level(tmp_path: Path) -> None:
     text = _scenario_file(tmp_path, "kiosk", "phone", name="kiosk").read_text()
     (tmp_path / "no-task.toml").write_text(text.replace('task = "phone"\n', "", 1))
