@@ -11,17 +11,16 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from federation.errors import FedgeError
-from federation.tasks import BUILTIN, get_task, resolved_tasks
+from federation.tasks import BUILTIN, get_task
 
 
 class _PrimaryMetrics(Mapping[str, str]):
-    """task name -> its primary metric (`TaskInfo.primary_metric`), over the built-in tasks and
-    every task this process has resolved: a view of the task registry, not a second table."""
+    """task name -> its primary metric (`TaskInfo.primary_metric`): a view of the task registry,
+    not a second table. Any task the registry resolves can be looked up; iterating gives fedge's
+    own tasks (a process's plug-ins are not listed, so the view does not depend on what ran)."""
 
     def _table(self) -> dict[str, str]:
-        table = {name: get_task(name).info.primary_metric for name in BUILTIN}
-        table.update({name: task.info.primary_metric for name, task in resolved_tasks().items()})
-        return table
+        return {name: get_task(name).info.primary_metric for name in BUILTIN}
 
     def __getitem__(self, task: str) -> str:
         try:

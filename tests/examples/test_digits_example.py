@@ -7,6 +7,7 @@ Flower's simulation engine with secure aggregation, its held-out accuracy improv
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from importlib.metadata import distribution, entry_points
 from pathlib import Path
 
@@ -31,6 +32,19 @@ def test_the_example_is_installed_from_examples_and_declares_its_plugins() -> No
     assert Path(fedge_example_digits.__file__).resolve().is_relative_to(EXAMPLE), dist.locate_file("")
     run = RunConfig.parse({"scenario": "digits-notepads"})
     assert run.scenario.tasks == ("digits",) and set(run.scenario.fleet) == {"notepad"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registries_restored() -> Iterator[None]:
+    """The notepad class and the digits task this module loads stay in this module."""
+    from federation import devices, scenarios, tasks
+
+    saved = (dict(devices._added), dict(scenarios._loaded), dict(tasks._resolved))
+    yield
+    for registry, before in zip((devices._added, scenarios._loaded, tasks._resolved), saved, strict=True):
+        registry.clear()
+        registry.update(before)
+    devices._in_force.clear()
 
 
 @pytest.fixture(scope="module")
