@@ -1,7 +1,7 @@
 """The aggregation rule: a sum of what devices upload, then one division on the server.
 
 FedAvg (McMahan et al., AISTATS 2017) generalised to exact heterogeneous-rank LoRA under a shared
-frozen A (DESIGN.md, "LoRA aggregation"). A device uploads a *contribution*:
+frozen A (docs/architecture.md, "LoRA aggregation"). A device uploads a *contribution*:
 
 - for every shared key, its delta (new - global) times its weight p_k (examples trained on);
 - for every key, the weights behind it (`KEY#weight`): for a LoRA B, one weight per column —

@@ -1,23 +1,41 @@
 """The run configuration: every key of `[tool.flwr.app.config]`, parsed and validated once.
 
 A malformed value fails at start with one line naming the key and what it should be, rather
-than deep inside round 7.
+than deep inside round 7; an unknown key fails too, naming the closest known ones. Every default
+is read from `[tool.flwr.app.config]` of pyproject.toml (`federation.defaults`): a key missing
+from the mapping given to `RunConfig.parse` takes the value written there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import difflib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from federation.defaults import run_defaults
 from federation.errors import FedgeError
 from federation.model.lora import LoraSettings
 from federation.scenarios import Scenario, get_scenario
 from federation.training import TrainSettings
 
 
-def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any, check: str = "") -> Any:
-    value = cfg.get(key, default)
+def unknown_setting_error(given: Iterable[str], known: Iterable[str]) -> str | None:
+    """A one-line refusal of the first key of `given` that is not in `known`, naming the closest
+    known keys (difflib), or None when every key is known. Pure: no files, no Flower."""
+    known_keys = sorted(set(known))
+    for key in given:
+        if key in known_keys:
+            continue
+        near = difflib.get_close_matches(key, known_keys, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(near)}?" if near else f"known settings: {', '.join(known_keys)}"
+        where = "the settings are [tool.flwr.app.config] of pyproject.toml"
+        return f"run config has no setting {key!r}: {hint} ({where})"
+    return None
+
+
+def _get(cfg: Mapping[str, Any], key: str, kind: type, check: str = "") -> Any:
+    value = cfg[key] if key in cfg else run_defaults()[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
@@ -71,52 +89,57 @@ class RunConfig:
 
     @classmethod
     def parse(cls, cfg: Mapping[str, Any]) -> RunConfig:
-        scenario = get_scenario(_get(cfg, "scenario", str, "smart-home"))
-        rounds = _get(cfg, "num-rounds", int, 0, "nonneg") or scenario.rounds
-        steps = _get(cfg, "local-steps", int, 0, "nonneg")
+        """Validate a run config; keys it lacks take their pyproject.toml defaults."""
+        refusal = unknown_setting_error(cfg, run_defaults())
+        if refusal:
+            raise FedgeError(refusal)
+        scenario = get_scenario(_get(cfg, "scenario", str))
+        scenario.tasks  # noqa: B018 -- resolves every task the fleet runs: an unknown one fails here
+        rounds = _get(cfg, "num-rounds", int, "nonneg") or scenario.rounds
+        steps = _get(cfg, "local-steps", int, "nonneg")
         targets = tuple(
-            t.strip() for t in _get(cfg, "lora-targets", str, "query,value").split(",") if t.strip()
+            t.strip() for t in _get(cfg, "lora-targets", str).split(",") if t.strip()
         )
         known_targets = {"query", "key", "value", "dense"}
         if not targets or not set(targets) <= known_targets:  # checked first: the message names the key
             raise FedgeError(f"run config lora-targets={targets} must be among {sorted(known_targets)}")
         try:
             lora = LoraSettings(
-                rank=_get(cfg, "lora-rank", int, 8, "positive"),
-                alpha=_get(cfg, "lora-alpha", int, 16, "positive"),
+                rank=_get(cfg, "lora-rank", int, "positive"),
+                alpha=_get(cfg, "lora-alpha", int, "positive"),
                 targets=targets,
             )
             train = TrainSettings(
                 steps=steps or max(scenario.local_steps.values()),
-                batch_size=_get(cfg, "batch-size", int, 16, "positive"),
-                lr=_get(cfg, "lr", float, 3e-3, "positive"),
-                head_lr=_get(cfg, "head-lr", float, 3e-3, "positive"),
-                private_lr=_get(cfg, "private-lr", float, 5e-2, "positive"),
+                batch_size=_get(cfg, "batch-size", int, "positive"),
+                lr=_get(cfg, "lr", float, "positive"),
+                head_lr=_get(cfg, "head-lr", float, "positive"),
+                private_lr=_get(cfg, "private-lr", float, "positive"),
             )
         except ValueError as exc:
             raise FedgeError(f"run config: {exc}") from None
         return cls(
             scenario=scenario,
             rounds=rounds,
-            seed=_get(cfg, "seed", int, 0, "nonneg"),
+            seed=_get(cfg, "seed", int, "nonneg"),
             lora=lora,
             train=train,
-            tv_user_dim=_get(cfg, "tv-user-dim", int, 16, "positive"),
-            seq_len=_get(cfg, "seq-len", int, 32, "positive"),
-            out_dir=_get(cfg, "out-dir", str, ""),
-            cache_dir=_get(cfg, "cache-dir", str, ""),
-            round_timeout=_get(cfg, "round-timeout", float, 600.0, "positive"),
-            client_threads=_get(cfg, "client-threads", int, 1, "positive"),
-            federated_eval_every=_get(cfg, "federated-eval-every", int, 4),
-            initial_checkpoint=_get(cfg, "initial-checkpoint", str, ""),
+            tv_user_dim=_get(cfg, "tv-user-dim", int, "positive"),
+            seq_len=_get(cfg, "seq-len", int, "positive"),
+            out_dir=_get(cfg, "out-dir", str),
+            cache_dir=_get(cfg, "cache-dir", str),
+            round_timeout=_get(cfg, "round-timeout", float, "positive"),
+            client_threads=_get(cfg, "client-threads", int, "positive"),
+            federated_eval_every=_get(cfg, "federated-eval-every", int),
+            initial_checkpoint=_get(cfg, "initial-checkpoint", str),
             local_steps=steps,
-            max_weight=_get(cfg, "max-weight", float, 100_000.0, "positive"),
-            secure_aggregation=_get(cfg, "secure-aggregation", bool, True),
-            secagg_clip=_get(cfg, "secagg-clip", float, 1.0, "positive"),
-            secagg_value_bits=_get(cfg, "secagg-value-bits", int, 24, "positive"),
-            dropout_after_keys=_get(cfg, "dropout-after-keys", float, 0.0, "nonneg"),
-            secagg_min_devices=max(2, _get(cfg, "secagg-min-devices", int, 3, "positive")),
-            device_clock=_get(cfg, "device-clock", bool, True) and scenario.device_clock,
-            bench_alternate=_get(cfg, "bench-alternate", bool, False),
-            uniform_rank=_get(cfg, "uniform-rank", int, 0, "nonneg"),
+            max_weight=_get(cfg, "max-weight", float, "positive"),
+            secure_aggregation=_get(cfg, "secure-aggregation", bool),
+            secagg_clip=_get(cfg, "secagg-clip", float, "positive"),
+            secagg_value_bits=_get(cfg, "secagg-value-bits", int, "positive"),
+            dropout_after_keys=_get(cfg, "dropout-after-keys", float, "nonneg"),
+            secagg_min_devices=max(2, _get(cfg, "secagg-min-devices", int, "positive")),
+            device_clock=_get(cfg, "device-clock", bool) and scenario.device_clock,
+            bench_alternate=_get(cfg, "bench-alternate", bool),
+            uniform_rank=_get(cfg, "uniform-rank", int, "nonneg"),
         )

@@ -1,13 +1,15 @@
 """Device profiles as data: the phone / sensor / TV catalogue, its validation, availability.
 
-A profile (DESIGN.md, "Devices") is what a simulated device can do and when it may take part:
+A profile (docs/architecture.md, "Devices") is what a simulated device can do and when it may take part:
 compute speed, memory budget (and the LoRA rank and batch it allows), up/down bandwidth, energy
 per step, a mid-round dropout probability, and availability: a daily online pattern plus the
 Gboard eligibility rule of training only while charging, idle and on an unmetered network
 (Hard et al., "Federated Learning for Mobile Keyboard Prediction", 2018; Bonawitz et al.,
 "Towards Federated Learning at Scale: System Design", SysML 2019). The numbers live in
 `devices.toml` next to this module, each with its source; this module only loads, checks and
-samples them.
+samples them. Which task a class runs is data too: each class table names it (`task = "phone"`,
+a name in the task registry or `module:attribute`), so a new class (a tablet running the phone
+task) is a catalogue entry, not code.
 
 Per-device randomness is drawn from `numpy.random.default_rng((seed, device, round, stream))`,
 so a device's draws depend on nothing but those four integers: any process, any sampling order,
@@ -23,7 +25,7 @@ import itertools
 import math
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,7 @@ class DeviceProfile:
     p_charging: tuple[float, ...] | None = None
     p_idle: tuple[float, ...] | None = None
     p_unmetered: tuple[float, ...] | None = None
+    task: str = ""  # the task the class runs, as the catalogue names it (federation.tasks resolves it)
 
     @property
     def name(self) -> str:
@@ -174,11 +177,19 @@ def load_catalogue(path: Path | None = None, max_rank: int = 8) -> dict[tuple[st
         raise FedgeError(f"device catalogue {path} is not valid TOML ({exc}): fix its syntax") from None
     if not raw:
         raise FedgeError(f"device catalogue {path} defines no device class: add e.g. [phone.tiers.low]")
+    return parse_catalogue(raw, str(path), max_rank)
+
+
+def parse_catalogue(
+    raw: Mapping[str, Any], path: str, max_rank: int = 8
+) -> dict[tuple[str, str], DeviceProfile]:
+    """Validate catalogue tables (`{class: {"task": ..., field: ..., "tiers": {tier: {...}}}}`, as
+    TOML gives them) into profiles; `path` names where they came from in every refusal."""
     catalogue: dict[tuple[str, str], DeviceProfile] = {}
     for device_class, table in raw.items():
         if not isinstance(table, dict):
             raise FedgeError(f"device catalogue {path}: `{device_class}` must be a table [{device_class}]")
-        defaults = {key: value for key, value in table.items() if key != "tiers"}
+        defaults = {key: value for key, value in table.items() if key not in ("tiers", "task")}
         unknown = sorted(set(defaults) - FIELDS)
         if unknown:
             refusal = _refuse(f"{device_class} (class defaults)", unknown[0], _NOT_A_FIELD)
@@ -189,13 +200,23 @@ def load_catalogue(path: Path | None = None, max_rank: int = 8) -> dict[tuple[st
                 f"device catalogue {path}: class `{device_class}` has no tiers: "
                 f"add [{device_class}.tiers.NAME]"
             )
+        task = table.get("task")
+        if not isinstance(task, str) or not task.strip():
+            raise FedgeError(
+                f"device catalogue {path}: class `{device_class}` must name the task it runs, "
+                f'e.g. task = "phone" in [{device_class}]'
+            )
         for tier, tier_fields in tiers.items():
             if not isinstance(tier_fields, dict):
                 raise FedgeError(f"device catalogue {path}: `{device_class}.tiers.{tier}` must be a table")
-            try:
-                catalogue[(device_class, tier)] = parse_profile(
-                    device_class, tier, {**defaults, **tier_fields}, max_rank
+            if "task" in tier_fields:
+                raise FedgeError(
+                    f"device catalogue {path}: `task` belongs to the class [{device_class}], "
+                    f"not to its tier {tier}: every tier of a class runs the same task"
                 )
+            try:
+                profile = parse_profile(device_class, tier, {**defaults, **tier_fields}, max_rank)
+                catalogue[(device_class, tier)] = replace(profile, task=task.strip())
             except FedgeError as exc:
                 # Name the file too: a scenario may point at its own catalogue.
                 raise FedgeError(f"{path}: {exc}") from None
@@ -203,9 +224,41 @@ def load_catalogue(path: Path | None = None, max_rank: int = 8) -> dict[tuple[st
 
 
 @functools.lru_cache(maxsize=1)
-def default_catalogue() -> dict[tuple[str, str], DeviceProfile]:
+def builtin_catalogue() -> dict[tuple[str, str], DeviceProfile]:
     """`devices.toml` beside this module, loaded once per process (do not mutate the dict)."""
     return load_catalogue()
+
+
+_added: dict[tuple[str, str], DeviceProfile] = {}  # classes that scenario files added, this process
+_in_force: dict[tuple[str, str], DeviceProfile] = {}
+
+
+def default_catalogue() -> dict[tuple[str, str], DeviceProfile]:
+    """The catalogue in force: the built-in `devices.toml` plus the classes that scenario files
+    loaded in this process added (`add_classes`). Do not mutate the dict."""
+    if not _in_force:
+        _in_force.update(builtin_catalogue())
+        _in_force.update(_added)
+    return _in_force
+
+
+def add_classes(profiles: Mapping[tuple[str, str], DeviceProfile], source: str) -> None:
+    """Put device classes a scenario file defines into the catalogue in force.
+
+    A class may be added again with the very same profiles (the same file loaded twice); a class
+    that is already defined differently (a built-in one, or another file's) is refused: one name,
+    one device, in every process of a run."""
+    current = default_catalogue()
+    for device_class in dict.fromkeys(cls for cls, _ in profiles):
+        mine = {k: v for k, v in profiles.items() if k[0] == device_class}
+        theirs = {k: v for k, v in current.items() if k[0] == device_class}
+        if theirs and theirs != mine:
+            raise FedgeError(
+                f"{source} defines device class `{device_class}`, which the catalogue already has with "
+                "other tiers or profiles: give the new class its own name"
+            )
+    _added.update(profiles)
+    current.update(profiles)
 
 
 def class_tiers(
@@ -229,6 +282,22 @@ def top_tier(device_class: str, catalogue: Mapping[tuple[str, str], DeviceProfil
         return p.lora_rank, p.compute_gflops, p.memory_mb
 
     return max(tiers, key=capability)
+
+
+def class_task(device_class: str, catalogue: Mapping[tuple[str, str], DeviceProfile] | None = None) -> str:
+    """The task a device class runs, as its catalogue entry names it."""
+    catalogue = default_catalogue() if catalogue is None else catalogue
+    tiers = class_tiers(device_class, catalogue)
+    if not tiers:
+        known = sorted({cls for cls, _ in catalogue})
+        raise FedgeError(f"device class {device_class!r} is not in the device catalogue: use one of {known}")
+    return catalogue[(device_class, tiers[0])].task
+
+
+def device_classes(catalogue: Mapping[tuple[str, str], DeviceProfile] | None = None) -> list[str]:
+    """The catalogue's device classes, in catalogue order."""
+    catalogue = default_catalogue() if catalogue is None else catalogue
+    return list(dict.fromkeys(cls for cls, _ in catalogue))
 
 
 def _hour_index(hour: float) -> int:

@@ -19,61 +19,61 @@ from typing import Any
 import numpy as np
 
 from federation.data.common import stable_seed
-from federation.devices import DeviceProfile, class_tiers, default_catalogue, top_tier
+from federation.devices import (
+    DeviceProfile,
+    class_tiers,
+    default_catalogue,
+    device_classes,
+    top_tier,
+)
 from federation.errors import FedgeError
-from federation.scenarios import DEVICE_TASK, Scenario, partition_device
+from federation.scenarios import Scenario, class_task_name, partition_device
+from federation.tasks import get_task
 
 
 @dataclass(frozen=True)
 class Device:
+    """One device: its class and tier (from the device catalogue), the task its class runs, and
+    the data client it holds."""
+
     device_class: str
     data_client: str
     tier: str = ""  # hardware tier in the device catalogue; "" -> the class's top tier
-    rank: int = field(init=False)  # the tier's LoRA rank (`lora_rank` in devices.toml)
+    profile: DeviceProfile = field(init=False, repr=False)
+    rank: int = field(init=False)  # the tier's LoRA rank (`lora_rank` in the catalogue)
     batch_size: int = field(init=False)  # the largest batch the tier's memory budget allows
 
     def __post_init__(self) -> None:
-        if self.device_class not in DEVICE_TASK:
-            raise FedgeError(
-                f"unknown device class {self.device_class!r}: use one of {', '.join(DEVICE_TASK)}"
-            )
-        tier = self.tier or top_tier(self.device_class)
-        profile = default_catalogue().get((self.device_class, tier))
+        catalogue = default_catalogue()
+        if not class_tiers(self.device_class, catalogue):
+            known = ", ".join(device_classes(catalogue))
+            raise FedgeError(f"unknown device class {self.device_class!r}: use one of {known}")
+        tier = self.tier or top_tier(self.device_class, catalogue)
+        profile = catalogue.get((self.device_class, tier))
         if profile is None:
             raise FedgeError(
                 f"unknown tier {tier!r} of {self.device_class}: use one of "
-                f"{', '.join(class_tiers(self.device_class))}"
+                f"{', '.join(class_tiers(self.device_class, catalogue))}"
             )
         object.__setattr__(self, "tier", tier)
+        object.__setattr__(self, "profile", profile)
         object.__setattr__(self, "rank", profile.lora_rank)
         object.__setattr__(self, "batch_size", profile.batch_size)
 
     @property
-    def profile(self) -> DeviceProfile:
-        return default_catalogue()[(self.device_class, self.tier)]
-
-    @property
     def task(self) -> str:
-        return DEVICE_TASK[self.device_class]
+        """The name of the task the device's class runs (resolved in `federation.tasks`)."""
+        return get_task(self.profile.task).info.name
+
+
+def all_data_clients(device_class: str, cache: str = "") -> tuple[str, ...]:
+    """Every natural client of the dataset of the class's task, in a fixed order."""
+    return _task_clients(class_task_name(device_class), cache)
 
 
 @functools.lru_cache(maxsize=8)
-def all_data_clients(device_class: str, cache: str = "") -> tuple[str, ...]:
-    """Every natural client of the class's dataset, in a fixed order."""
-    cache_path = Path(cache) if cache else None
-    if device_class == "phone":
-        from federation.data.phone import phone_clients
-
-        return tuple(phone_clients(cache=cache_path))
-    if device_class == "tv":
-        from federation.data.tv import tv_clients
-
-        return tuple(tv_clients(cache=cache_path))
-    if device_class == "sensor":
-        from federation.data.sensor import sensor_clients
-
-        return tuple(sensor_clients())
-    raise FedgeError(f"unknown device class {device_class!r}: use one of {', '.join(DEVICE_TASK)}")
+def _task_clients(task: str, cache: str) -> tuple[str, ...]:
+    return tuple(get_task(task).clients(Path(cache) if cache else None))
 
 
 @functools.lru_cache(maxsize=32)
@@ -157,8 +157,10 @@ def device_from_node_config(
             device.device_class, device.data_client, _node_tier(node_config, device.device_class, device.tier)
         )
     device_class = str(device_class)
-    if device_class not in DEVICE_TASK:
-        raise FedgeError(f"node config device-class={device_class!r}: use one of {', '.join(DEVICE_TASK)}")
+    if not class_tiers(device_class):
+        raise FedgeError(
+            f"node config device-class={device_class!r}: use one of {', '.join(device_classes())}"
+        )
     if "data-client" in node_config:
         client = str(node_config["data-client"])
         if client not in all_data_clients(device_class, cache):
@@ -185,17 +187,7 @@ def _load_client_data(task: str, data_client: str, seed: int, seq_len: int, cach
         k, _, n = shard.partition("/")
         return _shard(_load_client_data(task, base, seed, seq_len, cache), int(k), int(n))
     cache_path = Path(cache) if cache else None
-    if task == "phone":
-        from federation.data.phone import load_phone_client
-
-        return load_phone_client(data_client, seed, seq_len=seq_len, cache=cache_path)
-    if task == "tv":
-        from federation.data.tv import load_tv_client
-
-        return load_tv_client(data_client, seed, cache=cache_path)
-    from federation.data.sensor import load_sensor_client
-
-    return load_sensor_client(data_client, seed)
+    return get_task(task).load_client(data_client, seed, seq_len=seq_len, cache=cache_path)
 
 
 def _shard(data: Any, k: int, n: int) -> Any:

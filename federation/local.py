@@ -13,26 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from federation.aggregation import is_column_key
 from federation.config import RunConfig
 from federation.fleet import Device
-from federation.model.edge import TaskModel, TVModel, cached_task_model
-from federation.training import (
-    TrainSettings,
-    eval_phone,
-    eval_sensor,
-    eval_tv,
-    round_seed,
-    train_phone,
-    train_sensor,
-    train_tv,
-)
+from federation.model.edge import TaskModel, cached_task_model
+from federation.tasks import get_task
+from federation.training import TrainSettings, round_seed
 
 
 @dataclass
@@ -45,7 +35,7 @@ class LocalResult:
 
 def task_model(run: RunConfig, task: str, rank: int | None = None) -> TaskModel:
     """The process's task model at `rank` (default r_max: what the server and evaluation use)."""
-    return cached_task_model(task, run.lora, run.seed, run.tv_user_dim, rank)
+    return cached_task_model(task, run.lora, run.seed, rank, run)
 
 
 def device_settings(run: RunConfig, device: Device) -> TrainSettings:
@@ -59,19 +49,6 @@ def training_rank(run: RunConfig, device: Device) -> int:
     """The columns of B a device trains: its tier's rank (or the run's `uniform-rank`), capped by
     the model's r_max."""
     return min(run.uniform_rank or device.rank, run.lora.rank)
-
-
-def _tv_tokens(run: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    from federation.data.tv import tv_items
-
-    items = tv_items(cache=Path(run.cache_dir) if run.cache_dir else None)
-    return items.input_ids, items.attention_mask
-
-
-def _private(model: TVModel, device: Device, run: RunConfig, stored: np.ndarray | None) -> torch.Tensor:
-    if stored is None or stored.shape != (model.user_dim + 1,):
-        return model.new_private(device.data_client, run.seed)
-    return torch.as_tensor(stored, dtype=torch.float32)
 
 
 def local_train(
@@ -88,19 +65,9 @@ def local_train(
     model.load_shared_state(shared)
     seed = round_seed(run.seed, device.data_client, server_round)
     settings = device_settings(run, device)
-    new_private = None
-    if device.task == "phone":
-        result = train_phone(model, data.train, settings, seed)  # type: ignore[arg-type]
-    elif device.task == "tv":
-        assert isinstance(model, TVModel)
-        tokens, mask = _tv_tokens(run)
-        user = _private(model, device, run, private)
-        result, user = train_tv(
-            model, user, data.train_items, data.train_labels, tokens, mask, settings, seed
-        )
-        new_private = user.numpy()
-    else:
-        result = train_sensor(model, data.train_x, data.train_y, settings, seed)  # type: ignore[arg-type]
+    result, new_private = get_task(device.task).train(
+        model, data, settings, seed, client_id=device.data_client, run=run, private=private
+    )
     after = model.shared_state()
     delta = {k: (after[k] - np.asarray(v, dtype=after[k].dtype)) for k, v in shared.items()}
     for key in delta:
@@ -121,23 +88,7 @@ def local_evaluate(
     shared: Mapping[str, np.ndarray],
     private: np.ndarray | None = None,
 ) -> dict[str, float | list[float]]:
-    """Summed held-out results on the device (TV: after fitting its private part)."""
+    """Summed held-out results on the device (with its private part, where the task has one)."""
     model = task_model(run, device.task)
     model.load_shared_state(shared)
-    if device.task == "phone":
-        return eval_phone(model, data.test)  # type: ignore[arg-type]
-    if device.task == "tv":
-        assert isinstance(model, TVModel)
-        tokens, mask = _tv_tokens(run)
-        return eval_tv(
-            model,
-            _private(model, device, run, private),
-            data.train_items,
-            data.train_labels,
-            data.test_items,
-            data.test_labels,
-            tokens,
-            mask,
-            run.train.private_lr,
-        )
-    return eval_sensor(model, data.test_x, data.test_y)  # type: ignore[arg-type]
+    return get_task(device.task).evaluate(model, data, client_id=device.data_client, run=run, private=private)

@@ -6,11 +6,36 @@ Sums add up across devices, so the server's metric over the union of held-out sp
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-PRIMARY_METRIC = {"phone": "top1", "tv": "auc", "sensor": "accuracy"}
+from federation.errors import FedgeError
+from federation.tasks import BUILTIN, get_task
+
+
+class _PrimaryMetrics(Mapping[str, str]):
+    """task name -> its primary metric (`TaskInfo.primary_metric`): a view of the task registry,
+    not a second table. Any task the registry resolves can be looked up; iterating gives fedge's
+    own tasks (a process's plug-ins are not listed, so the view does not depend on what ran)."""
+
+    def _table(self) -> dict[str, str]:
+        return {name: get_task(name).info.primary_metric for name in BUILTIN}
+
+    def __getitem__(self, task: str) -> str:
+        try:
+            return get_task(task).info.primary_metric
+        except FedgeError:
+            raise KeyError(task) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+PRIMARY_METRIC: Mapping[str, str] = _PrimaryMetrics()
 
 
 def add_sums(total: dict[str, float | list[float]], part: Mapping[str, float | Sequence[float]]) -> None:
@@ -45,20 +70,11 @@ def macro_f1_from_confusion(confusion: Sequence[float], n_classes: int) -> float
 
 
 def finalize(task: str, sums: Mapping[str, float | Sequence[float]]) -> dict[str, float]:
-    """Metrics of one task from its summed evaluation results."""
+    """Metrics of one task from its summed evaluation results: mean loss, examples, and the
+    task's own metrics (`Task.metrics`)."""
     count = float(sums.get("count", 0.0))  # type: ignore[arg-type]
     if count <= 0:
         return {}
     out = {"loss": float(sums["loss_sum"]) / count, "examples": count}  # type: ignore[arg-type]
-    if task == "phone":
-        out["top1"] = float(sums["top1"]) / count  # type: ignore[arg-type]
-        out["top3"] = float(sums["top3"]) / count  # type: ignore[arg-type]
-    elif task == "tv":
-        out["accuracy"] = float(sums["correct"]) / count  # type: ignore[arg-type]
-        out["auc"] = auc_from_histograms(sums["pos_hist"], sums["neg_hist"])  # type: ignore[arg-type]
-    elif task == "sensor":
-        confusion = sums["confusion"]
-        n_classes = round(np.sqrt(len(confusion)))  # type: ignore[arg-type]
-        out["accuracy"] = float(sums["correct"]) / count  # type: ignore[arg-type]
-        out["macro_f1"] = macro_f1_from_confusion(confusion, n_classes)  # type: ignore[arg-type]
+    out.update(get_task(task).metrics(sums))
     return out

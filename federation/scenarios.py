@@ -11,16 +11,35 @@ tier. Which real data client (Shakespeare role, MovieLens viewer, watch subject)
 holds is drawn from the seed.
 
 A device's tier sets its LoRA rank (`devices.toml`): a mixed-tier fleet is a mixed-rank fleet.
+Which task each class runs is the device catalogue's to say (`task = ...` in its class table);
+a scenario's tasks are those of its classes.
+
+Besides the built-in scenarios below, `get_scenario` finds scenarios that installed packages
+declare in the entry-point group `fedge.scenarios`, and scenario files (`*.toml`, see
+`load_scenario_file`), which may add device classes of their own to the catalogue.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import tomllib
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
 
+from federation.devices import add_classes, class_task, class_tiers, device_classes, parse_catalogue, top_tier
 from federation.errors import FedgeError
+from federation.tasks import get_task
 
-DEVICE_TASK: dict[str, str] = {"phone": "phone", "tv": "tv", "sensor": "sensor"}
+SCENARIO_ENTRY_POINTS = "fedge.scenarios"
+
+
+def class_task_name(device_class: str) -> str:
+    """The name of the task a device class runs: its catalogue entry names it, the task registry
+    resolves the name (or `module:attribute`), refusing an unknown one."""
+    return get_task(class_task(device_class)).info.name
 
 
 def _positive_counts(where: str, counts: dict[str, int]) -> None:
@@ -31,13 +50,12 @@ def _positive_counts(where: str, counts: dict[str, int]) -> None:
 
 def _tier_counts(where: str, counts: dict[str, int]) -> dict[str, int]:
     """`{"class/tier": n}` (n > 0) from counts keyed `"class/tier"` or `"class"` (its top tier)."""
-    from federation.devices import class_tiers, top_tier
-
     tiers: dict[str, int] = {}
     for key, n in counts.items():
         device_class, _, tier = key.partition("/")
-        if device_class not in DEVICE_TASK:
-            raise FedgeError(f"{where} unknown device class in `{key}`: use one of {', '.join(DEVICE_TASK)}")
+        if not class_tiers(device_class):
+            known = ", ".join(device_classes())
+            raise FedgeError(f"{where} unknown device class in `{key}`: use one of {known}")
         tier = tier or top_tier(device_class)
         if tier not in class_tiers(device_class):
             known = ", ".join(class_tiers(device_class))
@@ -74,8 +92,9 @@ class Scenario:
     # local training steps per round by device class: a watch's tiny CNN step costs ~1/50 of
     # a phone's MiniLM step, so a sensor can afford more of them in the same budget
     local_steps: dict[str, int]
-    # caps on the server-side held-out evaluation per task (sequences / windows), drawn by seed
-    eval_cap: dict[str, int] = field(default_factory=lambda: {"phone": 1024, "sensor": 100_000})
+    # caps on the server-side held-out evaluation per task (examples, drawn by seed); a task
+    # not named here keeps its own cap (TaskInfo.eval_cap)
+    eval_cap: dict[str, int] = field(default_factory=dict)
     tiers: dict[str, int] | None = None  # "class/tier" -> devices registered (derived from `fleet`)
     # the simulated clock (federation/schedule.py): local hour of round 1, the round deadline,
     # and the server's cadence between rounds
@@ -91,6 +110,9 @@ class Scenario:
     # whether this scenario models availability and the round clock (run config device-clock
     # can turn it off, not on)
     device_clock: bool = True
+    # how `get_scenario` finds it again in another process: "" for a built-in scenario (its
+    # name), else the scenario file's path or the entry point's name
+    source: str = ""
 
     def __post_init__(self) -> None:
         where = f"scenario {self.name!r}:"
@@ -114,8 +136,19 @@ class Scenario:
         return sum(self.fleet.values())
 
     @property
+    def ref(self) -> str:
+        """What `get_scenario` takes to give this scenario back (in any process of the run)."""
+        return self.source or self.name
+
+    @property
     def tasks(self) -> tuple[str, ...]:
-        return tuple(t for t in ("phone", "tv", "sensor") if any(DEVICE_TASK[c] == t for c in self.fleet))
+        """The names of the tasks the fleet's classes run, in fleet order; resolving them here
+        refuses an unknown task (naming the known ones) before anything starts."""
+        return tuple(dict.fromkeys(class_task_name(c) for c in self.fleet))
+
+    def class_task(self, device_class: str) -> str:
+        """The name of the task a class of this fleet runs."""
+        return class_task_name(device_class)
 
     def class_tiers(self, device_class: str) -> dict[str, int]:
         """`{tier: count}` of one class in this fleet, in the order the scenario names them."""
@@ -268,28 +301,108 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
+_loaded: dict[str, Scenario] = {}  # scenarios from files and entry points, by reference
+
+
+def known_scenarios() -> list[str]:
+    """Built-in scenario names, then those installed packages declare (entry points)."""
+    installed = sorted(ep.name for ep in entry_points(group=SCENARIO_ENTRY_POINTS))
+    return [*SCENARIOS, *(n for n in installed if n not in SCENARIOS)]
+
+
 def get_scenario(name: str) -> Scenario:
-    try:
+    """A scenario by name: built-in, declared by an installed package (entry-point group
+    `fedge.scenarios`, pointing at a `Scenario` or a scenario file), or the path of a `.toml`
+    scenario file."""
+    if name in SCENARIOS:
         return SCENARIOS[name]
-    except KeyError:
-        raise FedgeError(f"unknown scenario {name!r}: choose one of {', '.join(sorted(SCENARIOS))}") from None
+    if name in _loaded:
+        return _loaded[name]
+    found = {ep.name: ep for ep in entry_points(group=SCENARIO_ENTRY_POINTS)}
+    if name in found:
+        target = found[name].load()
+        scenario = target if isinstance(target, Scenario) else load_scenario_file(Path(target))
+    elif name.endswith(".toml"):
+        scenario = load_scenario_file(Path(name))
+    else:
+        raise FedgeError(
+            f"unknown scenario {name!r}: choose one of {', '.join(known_scenarios())}, "
+            "or give the path of a scenario .toml file"
+        )
+    scenario = dataclasses.replace(scenario, source=name)
+    _loaded[name] = scenario
+    return scenario
+
+
+_SCENARIO_KEYS = tuple(f.name for f in dataclasses.fields(Scenario) if f.name not in ("tiers", "source"))
+_SCENARIO_KINDS: dict[str, type] = {
+    **dict.fromkeys(("name", "description"), str),
+    **dict.fromkeys(("fleet", "per_round", "local_steps", "eval_cap"), dict),
+    **dict.fromkeys(("rounds", "candidate_pool", "eval_devices"), int),
+    **dict.fromkeys(("start_hour", "deadline_s", "round_interval_s"), float),
+    **dict.fromkeys(("synthetic", "device_clock"), bool),
+}
+
+
+def load_scenario_file(path: Path) -> Scenario:
+    """A scenario from a TOML file: a `[scenario]` table with `Scenario`'s fields (`fleet`,
+    `per_round` and `local_steps` as inline tables), and optionally `[devices.CLASS]` tables in
+    the layout of `federation/devices.toml`, which add device classes to the catalogue."""
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FedgeError(f"scenario file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise FedgeError(f"scenario file {path} is not valid TOML ({exc})") from None
+    extra = sorted(set(raw) - {"scenario", "devices"})
+    if extra or not isinstance(raw.get("scenario"), dict):
+        raise FedgeError(
+            f"scenario file {path}: needs a [scenario] table and optional [devices.CLASS] tables, got {extra}"
+        )
+    if "devices" in raw:
+        added = parse_catalogue(raw["devices"], str(path))
+        for profile in added.values():  # an unknown task is refused before the catalogue changes
+            get_task(profile.task)
+        add_classes(added, f"scenario file {path}")
+    fields = raw["scenario"]
+    unknown = sorted(set(fields) - set(_SCENARIO_KEYS))
+    if unknown:
+        known = ", ".join(_SCENARIO_KEYS)
+        raise FedgeError(f"scenario file {path}: unknown key `{unknown[0]}` in [scenario] (known: {known})")
+    for key, value in fields.items():
+        kind = _SCENARIO_KINDS[key]
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok or (kind in (int, float) and value < 0):
+            what = {dict: "a table", str: "a string", bool: "true or false"}.get(kind, "a number >= 0")
+            raise FedgeError(f"scenario file {path}: `{key}` must be {what}, got {value!r}")
+    try:
+        return Scenario(**fields)
+    except TypeError as exc:  # a missing field
+        raise FedgeError(f"scenario file {path}: {exc}") from None
+
+
+def _is_named(scenario: Scenario) -> bool:
+    """Whether `get_scenario(scenario.ref)` gives this very scenario (not a modified copy)."""
+    return (SCENARIOS.get(scenario.ref) or _loaded.get(scenario.ref)) is scenario
 
 
 def fleet_order(scenario: Scenario) -> list[tuple[str, int]]:
     """(device class, index within class) for each partition id, classes interleaved.
 
     Built once per process and scenario (a 10,000-device fleet is 10,000 small tuples)."""
-    return list(_fleet_order(scenario.name)) if scenario.name in SCENARIOS else _build_order(scenario)
+    return list(_fleet_order(scenario.ref)) if _is_named(scenario) else _build_order(scenario)
 
 
 @functools.lru_cache(maxsize=8)
-def _fleet_order(name: str) -> tuple[tuple[str, int], ...]:
-    return tuple(_build_order(SCENARIOS[name]))
+def _fleet_order(ref: str) -> tuple[tuple[str, int], ...]:
+    return tuple(_build_order(get_scenario(ref)))
 
 
 def partition_device(scenario: Scenario, partition_id: int) -> tuple[str, int]:
     """(device class, index within class) of one partition id, without copying the order."""
-    order = _fleet_order(scenario.name) if scenario.name in SCENARIOS else tuple(_build_order(scenario))
+    order = _fleet_order(scenario.ref) if _is_named(scenario) else tuple(_build_order(scenario))
     return order[partition_id]
 
 

@@ -39,10 +39,6 @@ from federation.devices import (
     is_eligible,
 )
 
-# FLOPs of one training example (forward + backward through the frozen backbone), derived in
-# federation/devices.toml: MiniLM at 32 tokens ~1.38 GFLOP (phone), at the TV's 24-token titles
-# ~1.0 GFLOP; the IMU CNN ~15 MFLOP per 2 s window.
-FLOPS_PER_EXAMPLE: dict[str, float] = {"phone": 1.38e9, "tv": 1.0e9, "sensor": 15e6}
 DAY_S = 24 * 3600
 
 
@@ -57,6 +53,8 @@ class Candidate:
     download_bytes: int
     upload_bytes: int
     steps: int
+    # FLOPs of one training example of the device's task (`TaskInfo.flops_per_example`)
+    flops_per_example: float
 
 
 @dataclass
@@ -110,7 +108,7 @@ def plan_round(
                 c.download_bytes,
                 c.upload_bytes,
                 c.steps,
-                FLOPS_PER_EXAMPLE[device_class] * c.profile.batch_size,
+                c.flops_per_example * c.profile.batch_size,
             )
             for c in sampled
         ]

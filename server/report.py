@@ -11,6 +11,7 @@ from flwr.common.logger import log
 
 from federation.metrics import PRIMARY_METRIC
 from federation.model.edge import task_slice
+from federation.tasks import get_task
 
 if TYPE_CHECKING:
     from server.loop import Federation
@@ -28,24 +29,14 @@ def _metric_at(entry: dict[str, Any], task: str) -> tuple[float | None, str]:
 
 def baselines(fed: Federation, task: str) -> dict[str, dict[str, float]]:
     """The task's simple baselines on the same held-out data the model is scored on."""
-    from federation.data import baselines as bl
     from federation.evaluation import fleet_devices, held_out
     from federation.fleet import load_device_data
 
     run = fed.run
     devices = fleet_devices(run.scenario, task, run.seed, run.cache_dir)
     data = [load_device_data(d, run.seed, run.seq_len, run.cache_dir) for d in devices]
-    if task == "phone":
-        import torch
-
-        from federation.data.phone import PhoneClientData
-
-        test = held_out(run.scenario, task, run.seed, run.seq_len, run.cache_dir).test[0]
-        union = PhoneClientData("fleet", torch.cat([d.train for d in data]), test)
-        return bl.phone_baselines([union])
-    if task == "tv":
-        return bl.tv_baselines(data)
-    return bl.sensor_baselines(data)
+    test = held_out(run.scenario, task, run.seed, run.seq_len, run.cache_dir).test
+    return get_task(task).baselines(data, test)
 
 
 def export_adapters(fed: Federation, directory: Path) -> None:
@@ -94,8 +85,6 @@ def plot(fed: Federation, directory: Path) -> None:
 
 def plot_clock(fed: Federation, clocked: list[dict[str, Any]], directory: Path, plt: Any) -> None:
     """Participation per device class, and each class's task metric, over simulated time."""
-    from federation.scenarios import DEVICE_TASK
-
     hours = [e["clock"]["sim_time_s"] / 3600.0 for e in clocked]
     classes = sorted({c for e in clocked for c in e["clock"]["per_class"]})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -103,7 +92,7 @@ def plot_clock(fed: Federation, clocked: list[dict[str, Any]], directory: Path, 
         for field, style in (("eligible", ":"), ("sampled", "--"), ("finished", "-")):
             ys = [e["clock"]["per_class"].get(device_class, {}).get(field, 0) for e in clocked]
             axes[0].plot(hours, ys, style, label=f"{device_class} {field}")
-        task = DEVICE_TASK[device_class]
+        task = fed.run.scenario.class_task(device_class)
         name = PRIMARY_METRIC[task]
         points = [
             (
@@ -134,8 +123,11 @@ def write_report(fed: Federation) -> dict[str, Any]:
     for task in fed.tasks:
         initial, source = _metric_at(first, task)
         final, final_source = _metric_at(last, task)
+        info = get_task(task).info
         tasks[task] = {
             "metric": PRIMARY_METRIC[task],
+            "personalised": info.personalised,  # a private part on each device (TaskInfo)
+            "device_baselines": list(info.device_baselines),  # compare with the on-device metric only
             "evaluated": final_source or source,
             "initial": initial,
             "final": final,

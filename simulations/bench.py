@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
+# The CLI's `simulate_scenario` (passed in by `fedge bench ...`: this module does not import the CLI)
+Simulate = Callable[..., Path]
 
-def overhead(seed: int, console: Console) -> float:
+
+def overhead(seed: int, console: Console, simulate_scenario: Simulate) -> float:
     """Flower's cost over the work itself, for one round of the `bench` scenario.
 
     The limit: the round's local training of every device, done directly in this process, one
@@ -25,11 +29,10 @@ def overhead(seed: int, console: Console) -> float:
     from federation.fleet import device_for_partition, load_device_data
     from federation.local import local_train
     from federation.model.edge import initial_state, task_slice
-    from simulations.cli import simulate_scenario
 
     run = RunConfig.parse({"scenario": "bench", "seed": seed})
     devices = [device_for_partition(run.scenario, p, seed) for p in range(run.scenario.size)]
-    state = initial_state(run.scenario.tasks, run.lora, seed, run.tv_user_dim)
+    state = initial_state(run.scenario.tasks, run.lora, seed, run)
     data = [load_device_data(d, seed, run.seq_len) for d in devices]
     torch.set_num_threads(1)  # what one simulated device (one Ray actor) gets
     for task in run.scenario.tasks:  # warm-up: build each task model once
@@ -88,7 +91,13 @@ def _legacy(scenario: str, secure: bool, seed: int, size: int, tmp: Path) -> flo
     return sum(steady) / len(steady)
 
 
-def secagg(seed: int, console: Console, sizes: tuple[int, ...] = (10, 50), legacy: bool = True) -> float:
+def secagg(
+    seed: int,
+    console: Console,
+    simulate_scenario: Simulate,
+    sizes: tuple[int, ...] = (10, 50),
+    legacy: bool = True,
+) -> float:
     """Secure vs. plain rounds of the default edge model, fedge's protocol and Flower's legacy SecAgg+.
 
     fedge: one Flower simulation per size whose rounds alternate plain (odd) and secure (even),
@@ -99,8 +108,6 @@ def secagg(seed: int, console: Console, sizes: tuple[int, ...] = (10, 50), legac
     size.
     """
     from rich.table import Table
-
-    from simulations.cli import simulate_scenario
 
     scenarios = {10: "bench", 50: "bench-50"}
     rows = []
@@ -140,7 +147,7 @@ def secagg(seed: int, console: Console, sizes: tuple[int, ...] = (10, 50), legac
     return last["ratio"]
 
 
-def scale(seed: int, console: Console) -> float:
+def scale(seed: int, console: Console, simulate_scenario: Simulate) -> float:
     """Peak memory of a run with 100 and with 10,000 registered devices, 100 sampled per round.
 
     Both are Flower simulations (one SuperNode per registered device) of the synthetic scale
@@ -148,7 +155,6 @@ def scale(seed: int, console: Console) -> float:
     simulation engine with the ServerApp, Ray, actors), sampled every second. The last line is
     the ratio (goal: at most 1.2).
     """
-    from simulations.cli import simulate_scenario
 
     peaks: dict[str, int] = {}
     times: dict[str, float] = {}

@@ -56,27 +56,25 @@ def print_summary(summary: dict) -> None:
     console.print(table)
 
 
-# Baselines that know the viewer only apply to the personalised (on-device) TV metric.
-VIEWER_BASELINES = ("user-mean", "user-item-bias")
-
-
 def summary_rows(summary: dict) -> list[tuple[str, ...]]:
-    """(task, metric, initial, final, best baseline) rows; TV gets one for the shared part
-    alone (server-side, cold start) and one with each viewer's private part (on devices)."""
+    """(task, metric, initial, final, best baseline) rows; a personalised task (TV) gets one for
+    the shared part alone (server-side, cold start) and one with each device's private part (on
+    devices), the baselines that know each device's data (`device_baselines`) going to the latter."""
     rows = []
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for task, t in summary["tasks"].items():
         metric = t["metric"]
         baselines = {n: v[metric] for n, v in t.get("baselines", {}).items() if v.get(metric) is not None}
-        personal = task == "tv" and t.get("on_devices", {}).get("initial") is not None
-        shared = {n: v for n, v in baselines.items() if not (personal and n in VIEWER_BASELINES)}
+        personal = bool(t.get("personalised")) and t.get("on_devices", {}).get("initial") is not None
+        device_baselines = t.get("device_baselines", [])
+        shared = {n: v for n, v in baselines.items() if not (personal and n in device_baselines)}
         label = f"{task} (shared part, cold start)" if personal else task
         best = max(shared.items(), key=lambda b: b[1]) if shared else None
         rows.append(
             (label, metric, fmt(t["initial"]), fmt(t["final"]), f"{best[0]} {best[1]:.4f}" if best else "-")
         )
         if personal:
-            viewer = {n: baselines[n] for n in VIEWER_BASELINES if n in baselines}
+            viewer = {n: baselines[n] for n in device_baselines if n in baselines}
             best = max(viewer.items(), key=lambda b: b[1]) if viewer else None
             on = t["on_devices"]
             rows.append(
@@ -98,8 +96,10 @@ def simulate_scenario(
     from federation.scenarios import get_scenario
     from simulations.runner import run_flwr
 
+    if scenario.endswith(".toml"):  # a scenario file: every process of the run must find it
+        scenario = str(Path(scenario).resolve())
     spec = get_scenario(scenario)
-    out = (out or Path("results") / scenario / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    out = (out or Path("results") / spec.name / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
     if rounds:
@@ -162,13 +162,13 @@ def simulate(
 
 @app.command()
 def scenarios() -> None:
-    """List the named scenarios."""
-    from federation.scenarios import SCENARIOS
+    """List the named scenarios (built-in, then those installed packages declare)."""
+    from federation.scenarios import get_scenario, known_scenarios
 
     table = Table(title="scenarios")
     for col in ("name", "devices (class/tier)", "per round", "rounds", "description"):
         table.add_column(col)
-    for s in SCENARIOS.values():
+    for s in map(get_scenario, known_scenarios()):
         fleet = ", ".join(f"{k} {n}" for k, n in (s.tiers or {}).items())
         table.add_row(s.name, fleet, str(s.per_round), str(s.rounds), s.description)
     console.print(table)
@@ -180,18 +180,15 @@ def prepare() -> None:
     import time
 
     from federation.data.common import cache_dir
-    from federation.data.phone import phone_clients
-    from federation.data.sensor import sensor_clients
-    from federation.data.tv import tv_clients, tv_items
     from federation.model.backbones import minilm_dir, text_tokenizer
     from federation.model.imu import load_imu_encoder
+    from federation.tasks import get_task, known_tasks
 
     start = time.perf_counter()
     minilm_dir()
     text_tokenizer()
     load_imu_encoder()
-    counts = {"phone": len(phone_clients()), "tv": len(tv_clients()), "sensor": len(sensor_clients())}
-    tv_items()
+    counts = {name: get_task(name).prepare(None) for name in known_tasks()}
     console.print(f"data ready in {cache_dir()} ({time.perf_counter() - start:.1f}s): clients {counts}")
 
 
@@ -248,7 +245,7 @@ def bench_overhead(seed: int = 0) -> None:
     """Local training of the `bench` scenario's 10 devices directly vs. one Flower simulation round."""
     from simulations.bench import overhead
 
-    overhead(seed, console)
+    overhead(seed, console, simulate_scenario)
 
 
 @bench_app.command("scale")
@@ -256,7 +253,7 @@ def bench_scale(seed: int = 0) -> None:
     """Peak RSS with 100 and with 10,000 registered devices (100 per round); last line: ratio."""
     from simulations.bench import scale
 
-    scale(seed, console)
+    scale(seed, console, simulate_scenario)
 
 
 @bench_app.command("secagg")
@@ -272,7 +269,7 @@ def bench_secagg(
     unknown = set(parsed) - {10, 50}
     if unknown:
         raise FedgeError(f"--sizes {sorted(unknown)}: the benchmark fleets are 10 and 50 devices per round")
-    secagg(seed, console, parsed, legacy)
+    secagg(seed, console, simulate_scenario, parsed, legacy)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Run a scenario through Flower's own simulation engine (`flwr run`), safely, and clean up.
 
-What this adds around `flwr run . --stream` (DESIGN.md, "Flower 1.42 facts"):
+What this adds around `flwr run . --stream` (docs/architecture.md, "Flower 1.42 facts"):
 - a private FLWR_HOME (temp dir) and a private HOME holding `ray_bootstrap_config.yaml`, so that
   Ray's dashboard does not probe cloud metadata; `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` keeps
   every Ray socket on 127.0.0.1; telemetry, update checks and runtime `uv sync` off;

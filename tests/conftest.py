@@ -198,8 +198,8 @@ def cache_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def flower_task_identity() -> Iterator[None]:
-    """Building a Message outside a Flower runtime needs a task identity (Flower's internal
-    `TaskIdentity`). Set it for a test module, then restore what was there."""
+    """Building a Message outside a Flower runtime needs a task identity (internal API;
+    docs/architecture.md, "Flower 1.42 facts"). Set it for a test module, then restore what was there."""
     from flwr.supercore.task_identity import TaskIdentity
 
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)

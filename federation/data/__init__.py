@@ -1,1 +1,1 @@
-"""The three real datasets of the fleet, with natural client splits (see DESIGN.md)."""
+"""The three real datasets of the fleet, with natural client splits (docs/architecture.md, "Data")."""

@@ -1,10 +1,11 @@
 """Count-based baselines, scored on exactly the held-out data the federated models are scored on.
 
-A federated model's number means little alone: DESIGN.md ("Data and model") found a bigram count
-model at ~0.16 top-1 on phone, a user + item bias model at AUC ~0.78 on TV, against ~0.14 and
-~0.63 for the first LoRA runs. Every report therefore prints these baselines beside the model,
-computed here from the same `*ClientData` objects (fit on the union of the clients' train
-splits, scored on the union of their test splits), so the comparison is like for like.
+A federated model's number means little alone: a reference run (docs/architecture.md, "Data and
+model") found a bigram count model at ~0.16 top-1 on phone, a user + item bias model at AUC
+~0.78 on TV, against ~0.14 and ~0.63 for the first LoRA runs. Every report therefore prints
+these baselines beside the model, computed here from the same `*ClientData` objects (fit on the
+union of the clients' train splits, scored on the union of their test splits), so the comparison
+is like for like.
 
 Pure functions of numpy/torch data: no files, no randomness.
 """
@@ -108,7 +109,7 @@ def tv_baselines(clients: list[TVClientData]) -> dict[str, dict[str, float]]:
     - user-item-bias: rating ~ mu + b_u + b_i, fit on the pooled train ratings by a few
       alternating closed-form ridge sweeps (item, then user; Koren's L2 strengths); items never
       rated in train get b_i = 0; the like threshold is again the train-accuracy maximiser.
-    The per-viewer parts (user means, b_u) are exactly what DESIGN.md says a TV must keep
+    The per-viewer parts (user means, b_u) are exactly what docs/architecture.md says a TV must keep
     on-device: these baselines are what a private per-viewer model has to beat.
     """
     users_tr, items_tr, r_tr = _tv_rows(clients, test=False)

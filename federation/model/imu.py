@@ -1,11 +1,11 @@
 """The compact IMU encoder for sensors, and its "vendor lab" pretraining.
 
 A ~36k-parameter 1D-CNN fits a smartwatch; routing IMU windows through the 22.7M-parameter text
-backbone did not help in a reference run (DESIGN.md, "Sensor"). The encoder is pretrained on the
-subjects kept out of the fleet (`VENDOR_LAB_SUBJECTS`), as a vendor would before shipping, then
-frozen and LoRA-tuned across the fleet. Its weights ship with fedge as
-`federation/assets/imu_encoder.json` (JSON, base64 float32: Flower's app bundles carry .json
-but not .safetensors files); `fedge pretrain-imu` rebuilds them.
+backbone did not help in a reference run (docs/architecture.md, "Data and model"). The encoder
+is pretrained on the subjects kept out of the fleet (`VENDOR_LAB_SUBJECTS`), as a vendor would
+before shipping, then frozen and LoRA-tuned across the fleet. Its weights ship with fedge as
+`federation/assets/imu_encoder.json` (JSON, base64 float32: Flower's app bundles carry .json but
+not .safetensors files); `fedge pretrain-imu` rebuilds them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ weighted sum of the devices' B is exactly the weighted sum of their updates dW_k
 sum_k p_k B_k A = (sum_k p_k B_k) A, which is what secure aggregation (a sum) can compute.
 Averaging A and B separately (FedIT) is not the average of the products.
 
-Mixed ranks (DESIGN.md, "LoRA aggregation"). The global adapter has r_max columns of B and
+Mixed ranks (docs/architecture.md, "LoRA aggregation"). The global adapter has r_max columns of B and
 r_max rows of A. A device of rank r holds a peft LoRA of rank r: A = the first r rows of the
 shared A (drawn at r_max, then sliced, so every rank sees the same rows), B = the first r
 columns of the global B, and the rest of the global adapter, B[:, r:] A[r:] times the scaling,
@@ -16,7 +16,7 @@ rank uses one scaling, alpha / r_max (`peft_alpha`), else the same column would 
 updates on different devices.
 
 B is trained with peft's LoRA-FA optimizer (Zhang et al., 2023), which freezes A and projects
-B's gradient so that the step approximates a full-LoRA step (DESIGN.md: prefer it).
+B's gradient so that the step approximates a full-LoRA step (docs/architecture.md: preferred).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from federation.data.common import stable_seed
+from federation.defaults import run_default
 
 
 @dataclass(frozen=True)
@@ -37,9 +38,11 @@ class LoraSettings:
     """How a backbone is adapted. `rank` is r_max, the global adapter's width; one scaling
     (alpha / r_max) for every device, whatever its own rank."""
 
-    rank: int = 8
-    alpha: int = 16
-    targets: tuple[str, ...] = ("query", "value")
+    rank: int = field(default_factory=lambda: run_default("lora-rank"))
+    alpha: int = field(default_factory=lambda: run_default("lora-alpha"))
+    targets: tuple[str, ...] = field(
+        default_factory=lambda: tuple(t.strip() for t in run_default("lora-targets").split(",") if t.strip())
+    )
     dropout: float = 0.0
 
     def __post_init__(self) -> None:

@@ -40,7 +40,7 @@ def run() -> RunConfig:
 @pytest.fixture(scope="module")
 def global_state(run: RunConfig) -> dict[str, np.ndarray]:
     """The server's round-0 state of every smoke task (MiniLM is read once, for phone + tv)."""
-    return initial_state(run.scenario.tasks, run.lora, run.seed, run.tv_user_dim)
+    return initial_state(run.scenario.tasks, run.lora, run.seed, run)
 
 
 def _context(partition: int) -> Context:

@@ -45,7 +45,7 @@ def run() -> RunConfig:
 
 @pytest.fixture(scope="module")
 def global_state(run: RunConfig) -> dict[str, np.ndarray]:
-    return initial_state((TASK,), run.lora, run.seed, run.tv_user_dim)
+    return initial_state((TASK,), run.lora, run.seed, run)
 
 
 def _context(partition: int, run_config: dict[str, Any] | None = None) -> Context:

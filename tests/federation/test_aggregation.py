@@ -213,7 +213,7 @@ def test_values_in_untrained_columns_are_refused() -> None:
 
 
 def _binned(scores: np.ndarray, labels: np.ndarray, bins: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Histograms exactly as the TV evaluation bins probabilities (federation.training.eval_tv)."""
+    """Histograms exactly as the TV evaluation bins probabilities (federation.tasks.tv.eval_tv)."""
     idx = np.clip((scores * bins).astype(np.int64), 0, bins - 1)
     pos = np.bincount(idx[labels == 1], minlength=bins).astype(np.float64)
     neg = np.bincount(idx[labels == 0], minlength=bins).astype(np.float64)

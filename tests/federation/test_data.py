@@ -40,7 +40,7 @@ def phone_ids(cache_dir: Path) -> list[str]:
 
 
 def test_phone_client_counts(cache_dir: Path, phone_ids: list[str]) -> None:
-    # DESIGN.md: ~1,389 roles, ~598 with >= 1,000 characters (LEAF's figures).
+    # docs/architecture.md (LEAF): ~1,389 roles, ~598 with >= 1,000 characters (LEAF's figures).
     assert 550 <= len(phone_ids) <= 700
     assert phone_ids == sorted(phone_ids)
     assert all("/" in c and c.split("/", 1)[1] == c.split("/", 1)[1].upper() for c in phone_ids)

@@ -19,6 +19,7 @@ HOURLY = "[" + ", ".join(["0.5"] * 24) + "]"
 # A minimal valid catalogue; each malformed variant below changes one line of it.
 BASE = f"""
 [phone]
+task = "phone"
 needs_charging = true
 needs_idle = false
 needs_unmetered = false

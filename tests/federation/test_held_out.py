@@ -37,7 +37,7 @@ def run() -> RunConfig:
 
 @pytest.fixture(scope="module")
 def global_state(run: RunConfig) -> dict[str, np.ndarray]:
-    return initial_state(run.scenario.tasks, run.lora, run.seed, run.tv_user_dim)
+    return initial_state(run.scenario.tasks, run.lora, run.seed, run)
 
 
 def _device(run: RunConfig, task: str) -> Device:

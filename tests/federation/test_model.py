@@ -18,8 +18,10 @@ from flwr.common.serde import array_record_from_proto, array_record_to_proto
 
 from federation.config import RunConfig
 from federation.model import backbones
-from federation.model.edge import PhoneModel, SensorModel, TaskModel, build_task_model, task_slice
+from federation.model.edge import TaskModel, build_task_model, task_slice
 from federation.model.lora import LoraSettings, frozen_a
+from federation.tasks.phone import PhoneModel
+from federation.tasks.sensor import SensorModel
 
 SEED = 0
 SENTENCES = [
@@ -263,7 +265,8 @@ def test_exported_sensor_adapter_and_head_reproduce_the_eval_metric(backbone, tm
     from federation.data.sensor import N_CLASSES, load_sensor_client
     from federation.metrics import finalize
     from federation.model.imu import FEATURES, load_imu_encoder
-    from federation.training import TrainSettings, eval_sensor, train_sensor
+    from federation.tasks.sensor import eval_sensor, train_sensor
+    from federation.training import TrainSettings
     from server.loop import Federation
     from server.report import export_adapters
 

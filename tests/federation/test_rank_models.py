@@ -17,9 +17,11 @@ from federation.aggregation import is_column_key
 from federation.config import RunConfig
 from federation.fleet import Device, all_data_clients, load_device_data
 from federation.local import local_train
-from federation.model.edge import PhoneModel, SensorModel, TaskModel, build_task_model, task_slice
+from federation.model.edge import TaskModel, build_task_model, task_slice
 from federation.model.lora import LoraSettings, frozen_a, peft_alpha, split_for_rank
-from federation.training import TrainSettings, _optimizers, _step, phone_loss
+from federation.tasks.phone import PhoneModel, phone_loss
+from federation.tasks.sensor import SensorModel
+from federation.training import TrainSettings, _optimizers, _step
 
 SEED = 0
 R_MAX = 8

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from federation.devices import ELIGIBILITY_STREAM, default_catalogue, device_rng, is_eligible
+from federation.devices import ELIGIBILITY_STREAM, builtin_catalogue, device_rng, is_eligible
 from federation.schedule import Candidate, device_index, hour_of, plan_round
+from federation.tasks import get_task
 
 
 def _fleet(n_per_tier: int = 20) -> list[Candidate]:
-    catalogue = default_catalogue()
+    catalogue = builtin_catalogue()
     out = []
     node = 0
     for (device_class, tier), profile in catalogue.items():
@@ -23,6 +24,7 @@ def _fleet(n_per_tier: int = 20) -> list[Candidate]:
                     900_000,
                     1_800_000,
                     10,
+                    get_task(profile.task).info.flops_per_example,
                 )
             )
             node += 1
@@ -79,9 +81,9 @@ def test_a_tight_deadline_makes_stragglers_and_the_same_seed_the_same_round() ->
 
 
 def test_dropouts_are_counted_and_never_kept() -> None:
-    catalogue = default_catalogue()
+    catalogue = builtin_catalogue()
     flaky = dataclasses.replace(catalogue[("tv", "high")], dropout_prob=1.0)
-    fleet = [Candidate(i, "tv", flaky, i, 1000, 1000, 1) for i in range(20)]
+    fleet = [Candidate(i, "tv", flaky, i, 1000, 1000, 1, 1.0e9) for i in range(20)]
     plan = plan_round(fleet, {"tv": 5}, 2 * 3600.0, seed=0, server_round=1, deadline_s=60.0)
     assert plan.kept == []
     assert plan.account.dropped == plan.account.sampled > 0

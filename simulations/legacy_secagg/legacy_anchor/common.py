@@ -18,5 +18,5 @@ def run_config(cfg: Mapping[str, Any]) -> RunConfig:
 
 
 def global_keys_and_state(run: RunConfig) -> tuple[list[str], dict[str, np.ndarray]]:
-    state = initial_state(run.scenario.tasks, run.lora, run.seed, run.tv_user_dim)
+    state = initial_state(run.scenario.tasks, run.lora, run.seed, run)
     return sorted(state), state

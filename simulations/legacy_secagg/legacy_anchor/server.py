@@ -59,8 +59,8 @@ def main(grid: Grid, context: Context) -> None:
     legacy = LegacyContext(
         context=context, config=ServerConfig(num_rounds=int(cfg["num-rounds"])), strategy=strategy
     )
-    # The settings measured in FLOWER-1.42-NOTES.md (num_shares=0.5, threshold=0.6); timeout
-    # so that a stalled stage cannot hang the benchmark.
+    # The settings measured in docs/architecture.md, "Secure aggregation" (num_shares=0.5,
+    # threshold=0.6); timeout so that a stalled stage cannot hang the benchmark.
     fit = (
         SecAggPlusWorkflow(num_shares=0.5, reconstruction_threshold=0.6, timeout=600.0)
         if cfg["secure"]

