@@ -31,6 +31,12 @@ app.add_typer(bench_app, name="bench")
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
+SET_HELP = (
+    "override a run-config key: KEY=VALUE, VALUE read as `flwr run -c` reads it "
+    "(true/false, 4, 0.3, 'text'; a bare word is a string)"
+)
+
+
 def _parse_sets(sets: list[str]) -> dict[str, object]:
     """`--set KEY=VALUE` items, each VALUE read as `flwr run -c` reads it (simulations.overrides)."""
     from simulations.overrides import parse_overrides
@@ -178,8 +184,7 @@ def simulate(
         list[str] | None,
         typer.Option(
             "--set",
-            help="override a run-config key: KEY=VALUE, VALUE read as `flwr run -c` reads it "
-            "(true/false, 4, 0.3, 'text'; a bare word is a string)",
+            help=SET_HELP,
         ),
     ] = None,
     dry_run: Annotated[
@@ -250,9 +255,7 @@ def deploy_local_cmd(
     rounds: Annotated[int | None, typer.Option(help="rounds (default: the scenario's)")] = None,
     seed: int = 0,
     out: Annotated[Path | None, typer.Option(help="output folder")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a run-config key: KEY=VALUE")
-    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ) -> None:
     """Run a scenario on a real SuperLink + SuperNodes on 127.0.0.1 (Flower's deployment engine)."""
     from federation.config import ConfigSource, RunConfig
