@@ -41,14 +41,16 @@ class ConfigSource:
 FLWR_RUN = ConfigSource()
 
 
-def _get_checked(
-    cfg: Mapping[str, Any],
-    key: str,
-    kind: type,
-    default: Any,
-    check: str = "",
-    source: ConfigSource = FLWR_RUN,
-) -> Any:
+class SourcedConfig(dict[str, Any]):
+    """A run config that remembers where its user sets it, for the error messages of `_get`."""
+
+    def __init__(self, cfg: Mapping[str, Any], source: ConfigSource) -> None:
+        super().__init__(cfg)
+        self.source = source
+
+
+def _get(cfg: Mapping[str, Any], key: str, kind: type, default: Any, check: str = "") -> Any:
+    source = cfg.source if isinstance(cfg, SourcedConfig) else FLWR_RUN
     value = cfg.get(key, default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -101,14 +103,13 @@ class RunConfig:
     @classmethod
     def parse(cls, cfg: Mapping[str, Any], source: ConfigSource = FLWR_RUN) -> RunConfig:
         """Validate a run config; a bad value's error names the key and how `source` fixes it."""
-
-        def _get(key: str, kind: type, default: Any, check: str = "") -> Any:
-            return _get_checked(cfg, key, kind, default, check, source)
-
-        scenario = get_scenario(_get("scenario", str, "smart-home"))
-        rounds = _get("num-rounds", int, 0, "nonneg") or scenario.rounds
-        steps = _get("local-steps", int, 0, "nonneg")
-        targets = tuple(t.strip() for t in _get("lora-targets", str, "query,value").split(",") if t.strip())
+        cfg = SourcedConfig(cfg, source)
+        scenario = get_scenario(_get(cfg, "scenario", str, "smart-home"))
+        rounds = _get(cfg, "num-rounds", int, 0, "nonneg") or scenario.rounds
+        steps = _get(cfg, "local-steps", int, 0, "nonneg")
+        targets = tuple(
+            t.strip() for t in _get(cfg, "lora-targets", str, "query,value").split(",") if t.strip()
+        )
         known_targets = {"query", "key", "value", "dense"}
         if not targets or not set(targets) <= known_targets:  # checked first: the message names the key
             raise FedgeError(
@@ -117,41 +118,41 @@ class RunConfig:
             )
         try:
             lora = LoraSettings(
-                rank=_get("lora-rank", int, 8, "positive"),
-                alpha=_get("lora-alpha", int, 16, "positive"),
+                rank=_get(cfg, "lora-rank", int, 8, "positive"),
+                alpha=_get(cfg, "lora-alpha", int, 16, "positive"),
                 targets=targets,
             )
             train = TrainSettings(
                 steps=steps or max(scenario.local_steps.values()),
-                batch_size=_get("batch-size", int, 16, "positive"),
-                lr=_get("lr", float, 3e-3, "positive"),
-                head_lr=_get("head-lr", float, 3e-3, "positive"),
-                private_lr=_get("private-lr", float, 5e-2, "positive"),
+                batch_size=_get(cfg, "batch-size", int, 16, "positive"),
+                lr=_get(cfg, "lr", float, 3e-3, "positive"),
+                head_lr=_get(cfg, "head-lr", float, 3e-3, "positive"),
+                private_lr=_get(cfg, "private-lr", float, 5e-2, "positive"),
             )
         except ValueError as exc:
             raise FedgeError(f"run config: {exc}") from None
         return cls(
             scenario=scenario,
             rounds=rounds,
-            seed=_get("seed", int, 0, "nonneg"),
+            seed=_get(cfg, "seed", int, 0, "nonneg"),
             lora=lora,
             train=train,
-            tv_user_dim=_get("tv-user-dim", int, 16, "positive"),
-            seq_len=_get("seq-len", int, 32, "positive"),
-            out_dir=_get("out-dir", str, ""),
-            cache_dir=_get("cache-dir", str, ""),
-            round_timeout=_get("round-timeout", float, 600.0, "positive"),
-            client_threads=_get("client-threads", int, 1, "positive"),
-            federated_eval_every=_get("federated-eval-every", int, 4),
-            initial_checkpoint=_get("initial-checkpoint", str, ""),
+            tv_user_dim=_get(cfg, "tv-user-dim", int, 16, "positive"),
+            seq_len=_get(cfg, "seq-len", int, 32, "positive"),
+            out_dir=_get(cfg, "out-dir", str, ""),
+            cache_dir=_get(cfg, "cache-dir", str, ""),
+            round_timeout=_get(cfg, "round-timeout", float, 600.0, "positive"),
+            client_threads=_get(cfg, "client-threads", int, 1, "positive"),
+            federated_eval_every=_get(cfg, "federated-eval-every", int, 4),
+            initial_checkpoint=_get(cfg, "initial-checkpoint", str, ""),
             local_steps=steps,
-            max_weight=_get("max-weight", float, 100_000.0, "positive"),
-            secure_aggregation=_get("secure-aggregation", bool, True),
-            secagg_clip=_get("secagg-clip", float, 1.0, "positive"),
-            secagg_value_bits=_get("secagg-value-bits", int, 24, "positive"),
-            dropout_after_keys=_get("dropout-after-keys", float, 0.0, "nonneg"),
-            secagg_min_devices=max(2, _get("secagg-min-devices", int, 3, "positive")),
-            device_clock=_get("device-clock", bool, True) and scenario.device_clock,
-            bench_alternate=_get("bench-alternate", bool, False),
-            uniform_rank=_get("uniform-rank", int, 0, "nonneg"),
+            max_weight=_get(cfg, "max-weight", float, 100_000.0, "positive"),
+            secure_aggregation=_get(cfg, "secure-aggregation", bool, True),
+            secagg_clip=_get(cfg, "secagg-clip", float, 1.0, "positive"),
+            secagg_value_bits=_get(cfg, "secagg-value-bits", int, 24, "positive"),
+            dropout_after_keys=_get(cfg, "dropout-after-keys", float, 0.0, "nonneg"),
+            secagg_min_devices=max(2, _get(cfg, "secagg-min-devices", int, 3, "positive")),
+            device_clock=_get(cfg, "device-clock", bool, True) and scenario.device_clock,
+            bench_alternate=_get(cfg, "bench-alternate", bool, False),
+            uniform_rank=_get(cfg, "uniform-rank", int, 0, "nonneg"),
         )
