@@ -19,6 +19,39 @@ from federation.model.lora import LoraSettings
 from federation.scenarios import Scenario, get_scenario
 from federation.training import TrainSettings
 
+KIND_WORDS = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a string"}
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where the user sets run-config keys, so that an error tells them what to retype.
+
+    `flag` is the override flag they use: `-c` for `flwr run` (the apps cannot tell a `-c`
+    value from a `[tool.flwr.app.config]` one) or `--set` for `fedge simulate`, which knows the
+    keys the user gave (`given`).
+    """
+
+    flag: str = "-c"
+    given: frozenset[str] = frozenset()
+
+    def fix(self, key: str) -> str:
+        if self.flag == "-c":
+            return f"fix it in [tool.flwr.app.config] or with -c '{key}=...'"
+        if key in self.given:
+            return f"fix it with {self.flag} {key}=..."
+        return f"fix it in [tool.flwr.app.config] of pyproject.toml or with {self.flag} {key}=..."
+
+
+FLWR_RUN = ConfigSource()
+
+
+class SourcedConfig(dict[str, Any]):
+    """A run config that remembers where its user sets it, for the error messages of `_get`."""
+
+    def __init__(self, cfg: Mapping[str, Any], source: ConfigSource) -> None:
+        super().__init__(cfg)
+        self.source = source
+
 
 def unknown_setting_error(given: Iterable[str], known: Iterable[str]) -> str | None:
     """A one-line refusal of the first key of `given` that is not in `known`, naming the closest
@@ -35,18 +68,16 @@ def unknown_setting_error(given: Iterable[str], known: Iterable[str]) -> str | N
 
 
 def _get(cfg: Mapping[str, Any], key: str, kind: type, check: str = "") -> Any:
+    source = cfg.source if isinstance(cfg, SourcedConfig) else FLWR_RUN
     value = cfg[key] if key in cfg else run_defaults()[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise FedgeError(
-            f"run config {key}={value!r} must be {'an' if kind is int else 'a'} {kind.__name__}: "
-            f"fix it in [tool.flwr.app.config] or with -c '{key}=...'"
-        )
+        raise FedgeError(f"run config {key}={value!r} must be {KIND_WORDS[kind]}: {source.fix(key)}")
     if check == "positive" and not value > 0:
-        raise FedgeError(f"run config {key}={value!r} must be > 0")
+        raise FedgeError(f"run config {key}={value!r} must be > 0: {source.fix(key)}")
     if check == "nonneg" and value < 0:
-        raise FedgeError(f"run config {key}={value!r} must be >= 0")
+        raise FedgeError(f"run config {key}={value!r} must be >= 0: {source.fix(key)}")
     return value
 
 
@@ -88,11 +119,13 @@ class RunConfig:
         return replace(self.train, steps=steps)
 
     @classmethod
-    def parse(cls, cfg: Mapping[str, Any]) -> RunConfig:
-        """Validate a run config; keys it lacks take their pyproject.toml defaults."""
+    def parse(cls, cfg: Mapping[str, Any], source: ConfigSource = FLWR_RUN) -> RunConfig:
+        """Validate a run config; keys it lacks take their pyproject.toml defaults, and a bad
+        value's error names the key and how `source` fixes it."""
         refusal = unknown_setting_error(cfg, run_defaults())
         if refusal:
             raise FedgeError(refusal)
+        cfg = SourcedConfig(cfg, source)
         scenario = get_scenario(_get(cfg, "scenario", str))
         scenario.tasks  # noqa: B018 -- resolves every task the fleet runs: an unknown one fails here
         rounds = _get(cfg, "num-rounds", int, "nonneg") or scenario.rounds
@@ -102,7 +135,10 @@ class RunConfig:
         )
         known_targets = {"query", "key", "value", "dense"}
         if not targets or not set(targets) <= known_targets:  # checked first: the message names the key
-            raise FedgeError(f"run config lora-targets={targets} must be among {sorted(known_targets)}")
+            raise FedgeError(
+                f"run config lora-targets={targets} must be among {sorted(known_targets)}: "
+                f"{source.fix('lora-targets')}"
+            )
         try:
             lora = LoraSettings(
                 rank=_get(cfg, "lora-rank", int, "positive"),

