@@ -22,6 +22,8 @@ from federation import aggregation
 from federation.secagg import MaskedVectorError, quantization_error_bound
 from federation.secagg.protocol import (
     DeviceSession,
+    Expected,
+    ParameterError,
     Params,
     Reveal,
     SecAggAbort,
@@ -47,6 +49,12 @@ SHAPES: dict[str, tuple[int, ...]] = {
 }
 CLIP, VALUE_BITS, MAX_WEIGHT = 1.0, 24, 100_000  # the run config's defaults
 RUN_ID, ROUND, GROUP = 0x5EC_A66, 3, "sensor"
+
+
+def expected_for(params: Params) -> Expected:
+    """What a device of this test's run knows without the server (its own run config)."""
+    dropout = 0.05 if params.degree < params.n - 1 else 0.3  # the sparse-graph tests plan for 5%
+    return Expected(RUN_ID, GROUP, CLIP, VALUE_BITS, MAX_WEIGHT, min_devices=3, dropout_rate=dropout)
 
 
 # ---------------------------------------------------------------------------------------- harness
@@ -107,7 +115,7 @@ class Round:
 
     def keys(self, ids: list[int] | None = None) -> None:
         for i in ids or list(self.inputs):
-            session, c_pk, s_pk = device_keys(self.params, i)
+            session, c_pk, s_pk = device_keys(self.params, i, expected_for(self.params))
             self.sessions[i] = session
             self.server.add_keys(i, c_pk, s_pk)
 
@@ -122,10 +130,10 @@ class Round:
         return replies
 
     def unmask(self, ids: list[int] | None = None) -> None:
-        survivors, vanished = sorted(self.server.survivors), sorted(self.server.vanished())
+        survivors = sorted(self.server.survivors)
         for i in ids if ids is not None else survivors:
             reveal = device_unmask(
-                self.sessions[i], self.params, survivors, vanished, self.server.sealed_for(i), self.peers[i]
+                self.sessions[i], self.params, survivors, self.server.sealed_for(i), self.peers[i]
             )
             # an honest device never reveals both secrets of one neighbour
             assert not set(reveal.self_seed_shares) & set(reveal.pair_seeds)
@@ -295,9 +303,9 @@ def test_too_few_survivors_aborts_with_no_result() -> None:
     t = r.params.threshold
     survivors = list(range(1, t))  # t - 1 masked vectors arrive
     r.mask(survivors)
-    with pytest.raises(SecAggAbort, match="below the threshold"):
+    with pytest.raises(ParameterError, match="below the threshold"):
         r.unmask()  # honest devices refuse to reveal anything for so few survivors
-    assert r.reveals == {} and r.server.shares == {} and r.server.pair_seeds == []
+    assert r.reveals == {} and r.server.shares == {} and r.server.pair_seeds == {}
     with pytest.raises(SecAggAbort, match="threshold"):
         r.server.finish()
 
@@ -381,39 +389,65 @@ def test_tampered_share_is_named_and_the_round_completes() -> None:
     np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
 
 
-def test_shares_from_another_round_or_run_do_not_open() -> None:
+def test_a_session_refuses_messages_of_another_round_or_run() -> None:
     r = Round.start(6, seed=11)
     r.keys()
     r.mask()
     receiver = 1
     sealed = r.server.sealed_for(receiver)
-    survivors, vanished = sorted(r.server.survivors), []
+    survivors = sorted(r.server.survivors)
+    for change in ({"server_round": ROUND + 1}, {"run_id": RUN_ID + 1}, {"group": "phone"}):
+        other = dataclasses.replace(r.params, **change)  # type: ignore[arg-type]
+        with pytest.raises(ParameterError, match="does not belong to this device's round"):
+            device_unmask(r.sessions[receiver], other, survivors, sealed, r.peers[receiver])
+        with pytest.raises(ParameterError, match="does not belong to this device's round"):
+            device_mask(r.sessions[receiver], other, r.peers[receiver], r.inputs[receiver].encoded)
+    # the refusals consumed nothing: the right round still opens every share
+    reveal = device_unmask(r.sessions[receiver], r.params, survivors, sealed, r.peers[receiver])
+    assert reveal.tampered == [] and set(reveal.self_seed_shares) == set(sealed)
+
+
+def test_share_keys_are_bound_to_run_and_round() -> None:
+    """The share key's HKDF context holds run and round: a device that reused its X25519 keys
+    in another round (Flamingo-style setup-once) still could not open this round's shares."""
+    r = Round.start(6, seed=11)
+    r.keys()
+    r.mask()
+    receiver = 1
+    sealed = r.server.sealed_for(receiver)
+    survivors = sorted(r.server.survivors)
     for change in ({"server_round": ROUND + 1}, {"run_id": RUN_ID + 1}):
         other = dataclasses.replace(r.params, **change)  # type: ignore[arg-type]
-        # The session is bound to its round's parameters: the device refuses outright...
-        with pytest.raises(ValueError, match="does not belong to this device's round"):
-            device_unmask(r.sessions[receiver], other, survivors, vanished, sealed, r.peers[receiver])
-        with pytest.raises(ValueError, match="does not belong to this device's round"):
-            device_mask(r.sessions[receiver], other, r.peers[receiver], r.inputs[receiver].encoded)
-        # ...and even a device reusing its keys in that round (Flamingo-style) cannot open them:
-        # the share key and the AES-GCM associated data both bind run and round.
         reused = dataclasses.replace(r.sessions[receiver], params_digest=other.digest())
-        reveal = device_unmask(reused, other, survivors, vanished, sealed, r.peers[receiver])
+        reveal = device_unmask(reused, other, survivors, sealed, r.peers[receiver])
         assert reveal.tampered == sorted(sealed) and reveal.self_seed_shares == {}
-    # in the right round they open fine
-    reveal = device_unmask(r.sessions[receiver], r.params, survivors, vanished, sealed, r.peers[receiver])
-    assert reveal.tampered == [] and set(reveal.self_seed_shares) == set(sealed)
 
 
 def test_share_redirected_to_another_receiver_does_not_open() -> None:
     r = Round.start(6, seed=12)
     r.keys()
     r.mask()
-    # the server swaps what 5 sent to 1 and what 5 sent to 2
+    # the server swaps what 5 sent to 1 and what 5 sent to 2 (different pairwise keys)
     r.server.sealed[1][5], r.server.sealed[2][5] = r.server.sealed[2][5], r.server.sealed[1][5]
     r.unmask()
     assert r.reveals[1].tampered == [5] and r.reveals[2].tampered == [5]
     np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+
+
+def test_a_share_reflected_to_its_sender_does_not_open() -> None:
+    """The pairwise key of u and v is symmetric, so only the associated data (sender, receiver)
+    tells the share u sealed for v from one v sealed for u. A server that hands u back the shares
+    u dealt, as if its neighbours had sent them, would otherwise get u to open and reveal t
+    shares of its own self-mask seed."""
+    r = Round.start(6, seed=16)
+    r.keys()
+    r.mask()
+    victim = 2
+    reflected = {j: r.server.sealed[j][victim] for j in r.peers[victim]}  # what 2 sealed for each j
+    reveal = device_unmask(
+        r.sessions[victim], r.params, sorted(r.server.survivors), reflected, r.peers[victim]
+    )
+    assert reveal.tampered == sorted(reflected) and reveal.self_seed_shares == {}
 
 
 # -------------------------------------------------------------------------- bad masked vectors
@@ -483,15 +517,13 @@ def test_a_second_masked_vector_or_one_without_keys_is_refused() -> None:
     np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
 
 
-def test_device_refuses_to_reveal_for_a_node_both_survivor_and_vanished() -> None:
+def test_device_never_reveals_twice_in_a_round() -> None:
     r = Round.start(6, seed=15)
     r.keys()
     r.mask()
     survivors = sorted(r.server.survivors)
-    # a lying server claims device 2 vanished while listing it as a survivor: revealing both its
-    # self-mask share and its pairwise seed would let the server strip all of 2's masks
-    with pytest.raises(ValueError, match="both a survivor and vanished"):
-        device_unmask(r.sessions[1], r.params, survivors, [2], r.server.sealed_for(1), r.peers[1])
-    # refusing reveals nothing and leaves the device able to answer an honest request
-    reveal = device_unmask(r.sessions[1], r.params, survivors, [], r.server.sealed_for(1), r.peers[1])
-    assert set(reveal.self_seed_shares) == set(survivors) - {1} and reveal.pair_seeds == {}
+    first = device_unmask(r.sessions[1], r.params, survivors, r.server.sealed_for(1), r.peers[1])
+    assert set(first.self_seed_shares) == set(survivors) - {1} and first.pair_seeds == {}
+    # asked again with 2 "vanished", it would add its pairwise seed with 2 to 2's seed share
+    with pytest.raises(ParameterError, match="already revealed"):
+        device_unmask(r.sessions[1], r.params, [i for i in survivors if i != 2], {}, r.peers[1])
