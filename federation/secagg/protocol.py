@@ -276,7 +276,10 @@ def check_public_key(public: bytes) -> None:
     data = bytes(public)
     if len(data) != 32:
         raise ValueError(f"an X25519 public key is 32 bytes, got {len(data)}")
-    X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(data))
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(data))
+    except ValueError:
+        raise ValueError("invalid X25519 public key (low-order point: all-zero shared secret)") from None
 
 
 @dataclass

@@ -13,6 +13,7 @@ both masked and summed in plaintext for the reference: the secure sum must equal
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 
 from federation import aggregation
 from federation.secagg import MaskedVectorError, quantization_error_bound
+from federation.secagg.masking import unmask_sum
 from federation.secagg.protocol import (
     DeviceSession,
     Expected,
@@ -34,6 +36,7 @@ from federation.secagg.protocol import (
     plan,
 )
 from federation.secagg.quantize import decode_signed
+from federation.secagg.shamir import combine, split
 from federation.secagg.vector import decode_total, encode_update, vector_length
 
 # A phone-style attention B, sensor-style conv/proj Bs, and a classification head.
@@ -105,6 +108,7 @@ class Round:
     sessions: dict[int, DeviceSession] = field(default_factory=dict)
     peers: dict[int, dict[int, tuple[bytes, bytes]]] = field(default_factory=dict)  # device-side copy
     reveals: dict[int, Reveal] = field(default_factory=dict)
+    replies: dict[int, tuple[dict[int, bytes], np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, n: int, seed: int, params: Params | None = None) -> Round:
@@ -127,6 +131,7 @@ class Round:
             replies[i] = device_mask(self.sessions[i], self.params, self.peers[i], self.inputs[i].encoded)
         for i, (sealed, masked) in replies.items():
             self.server.add_masked(i, sealed, masked)
+        self.replies.update(replies)
         return replies
 
     def unmask(self, ids: list[int] | None = None) -> None:
@@ -527,3 +532,179 @@ def test_device_never_reveals_twice_in_a_round() -> None:
     # asked again with 2 "vanished", it would add its pairwise seed with 2 to 2's seed share
     with pytest.raises(ParameterError, match="already revealed"):
         device_unmask(r.sessions[1], r.params, [i for i in survivors if i != 2], {}, r.peers[1])
+
+
+# ============================================================================ a lying server
+# The server is played by the test itself: it builds whatever lists it likes, sends them to the
+# real device steps, and keeps every reveal (it does not filter them as `ServerRound` does).
+
+
+def _reveals_under(r: Round, lists: dict[int, list[int]]) -> tuple[dict[int, Reveal], dict[int, str]]:
+    """Show device i the survivor list lists[i]; keep what each reveals or why it refused."""
+    reveals, refusals = {}, {}
+    for i, survivors in lists.items():
+        sealed = {j: r.server.sealed[i][j] for j in r.server.sealed.get(i, {})}
+        try:
+            reveals[i] = device_unmask(r.sessions[i], r.params, survivors, sealed, r.peers[i])
+        except ParameterError as exc:
+            refusals[i] = str(exc)
+    return reveals, refusals
+
+
+def _exposed(r: Round, reveals: dict[int, Reveal], u: int) -> bool:
+    """Whether the reveals hand over u's self-mask seed AND every pairwise seed of u's vector."""
+    shares = {h: rv.self_seed_shares[u] for h, rv in reveals.items() if u in rv.self_seed_shares}
+    if len(shares) < r.params.threshold or combine(shares, r.params.threshold) != r.sessions[u].self_seed:
+        return False
+    return all(
+        v in reveals.get(u, Reveal()).pair_seeds or u in reveals.get(v, Reveal()).pair_seeds
+        for v in r.peers[u]
+    )
+
+
+def test_attack_fake_ids_and_all_neighbours_vanished_is_refused() -> None:
+    """Issue attack 1: tell the target 'survivors = [you, two ids that do not exist]' (all its
+    neighbours vanished) and everyone else the truth."""
+    r = Round.start(10, seed=20)
+    r.keys()
+    r.mask()
+    target, honest = 1, sorted(r.server.survivors)
+    for lie, why in (
+        ([target, 98, 99], "not members of this group"),
+        ([target], "only 0 of this device's 9"),
+    ):
+        lists = {i: honest for i in honest} | {target: lie}
+        reveals, refusals = _reveals_under(r, lists)
+        assert why in refusals[target] and set(refusals) == {target}
+        assert not _exposed(r, reveals, target)
+        r.sessions = {i: dataclasses.replace(s, revealed=False) for i, s in r.sessions.items()}  # try again
+    # told the truth, the same devices complete the round
+    r.unmask()
+    np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+
+
+def test_attack_consistent_list_on_a_sparse_graph_is_refused() -> None:
+    """Issue attack 2: one consistent list for everyone, 'the target's neighbours vanished'.
+    Before the checks the target revealed every pairwise seed while its 'vanished' neighbours
+    still answered with shares of its self-mask seed."""
+    params = _params(40, dropout_rate=0.05)
+    r = Round.start(40, seed=21, params=params)
+    r.keys()
+    r.mask()
+    target = 1
+    lie = sorted(set(r.inputs) - r.params.graph()[target])
+    reveals, refusals = _reveals_under(r, dict.fromkeys(r.inputs, lie))
+    assert "below the threshold" in refusals[target]
+    assert all("not listed as a survivor" in refusals[v] for v in r.params.graph()[target])
+    assert not any(target in rv.self_seed_shares for rv in reveals.values())
+    assert not _exposed(r, reveals, target)
+
+
+def _split_lists(n: int) -> tuple[dict[int, list[int]], set[int], set[int]]:
+    """Inconsistent lists on the complete graph of 10 (k = 9, t = 5) aimed at devices 1 and 2."""
+    everyone = list(range(1, n + 1))
+    a, b = {3, 4, 5, 6}, {7, 8, 9, 10}
+    lists = {1: [1, 2, *sorted(a)], 2: [1, 2, *sorted(a)]}
+    lists |= {i: sorted(set(everyone) - {1, 2}) for i in a} | {i: everyone for i in b}
+    return lists, a, b
+
+
+def test_inconsistent_lists_without_certified_keys_cannot_unmask_one_device() -> None:
+    """Each device checks only its own list, so different devices may be told different things;
+    still no single honest device is exposed (it reveals at most k - t < t pairwise seeds). What
+    such a server *can* get without the consistency check is documented and shown here: the sum of
+    two neighbours whose shared mask cancels (docs: 'Malicious server, without certified keys')."""
+    r = Round.start(10, seed=22)
+    r.keys()
+    r.mask()
+    lists, a, b = _split_lists(10)
+    reveals, refusals = _reveals_under(r, lists)
+    assert refusals == {}  # every list passes the device's own checks
+    assert not any(_exposed(r, reveals, u) for u in r.inputs)
+    # the known limit: x_1 + x_2 comes out (b_1, b_2 from 2 + B / 1 + B; seeds with A from A)
+    held = {
+        u: {h: rv.self_seed_shares[u] for h, rv in reveals.items() if u in rv.self_seed_shares}
+        for u in (1, 2)
+    }
+    seeds = {u: combine(held[u], r.params.threshold) for u in (1, 2)}
+    edges = [(u, v, reveals[u].pair_seeds[v]) for u in (1, 2) for v in b]
+    edges += [(u, v, reveals[v].pair_seeds[u]) for u in (1, 2) for v in a]
+    y = {i: masked for i, (_, masked) in r.replies.items()}
+    pair = unmask_sum(y[1] + y[2], seeds, edges, r.params.modulus_bits, r.params.context("mask"))
+    np.testing.assert_array_equal(pair, r.plain_sum([1, 2]))
+
+
+def test_parameter_downgrades_are_refused_before_anything_is_drawn() -> None:
+    params = _params(10)
+    expected = expected_for(params)
+    m = params.modulus_bits
+    for change, why in (
+        ({"threshold": 1}, "threshold 1 is outside"),
+        ({"threshold": 4}, "threshold 4 is outside"),  # floor(9/2) + 1 = 5
+        ({"degree": 2, "threshold": 2}, "degree 2 is outside"),  # a sparse graph for 10 devices
+        ({"n": 2, "degree": 1, "threshold": 1}, "below secagg-min-devices"),
+        ({"modulus_bits": m - 8}, "is not the no-wrap modulus"),
+        ({"modulus_bits": 64}, "is not the no-wrap modulus"),
+        ({"modulus_bits": 99}, "out of range"),
+        ({"clip": 1000.0}, "differ from this device's"),
+        ({"max_weight": 10**9}, "differ from this device's"),
+        ({"group": "phone"}, "is not this device's task"),
+        ({"run_id": RUN_ID + 1}, "is not this device's run"),
+        ({"graph_seed": b"short"}, "graph seed"),
+    ):
+        with pytest.raises(ParameterError, match=why):
+            device_keys(dataclasses.replace(params, **change), 1, expected)  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match="outside 1..10"):
+        device_keys(params, 11, expected)
+    device_keys(params, 10, expected)  # the honest parameters are accepted
+
+
+def test_low_order_and_repeated_keys_are_refused_by_server_and_device() -> None:
+    r = Round.start(6, seed=23)
+    r.keys([1, 2, 3, 4, 5])
+    session, c_pk, s_pk = device_keys(r.params, 6, expected_for(r.params))
+    for bad in (bytes(32), (1).to_bytes(32, "little")):  # low-order points: all-zero shared secret
+        with pytest.raises(ValueError, match="all-zero|invalid|low"):
+            r.server.add_keys(6, bad, s_pk)
+    with pytest.raises(ValueError, match="repeat"):
+        r.server.add_keys(6, c_pk, r.server.keys[1][1])  # a copy of device 1's s key
+    assert 6 not in r.server.keys  # refused: counted as never arrived, nobody masks with it
+    r.sessions[6] = session
+    peers = r.server.peer_keys_for(6)
+    # a lying server forwards a low-order key, or one key for two neighbours (their masks would cancel)
+    for forged, why in (
+        (peers | {2: (bytes(32), peers[2][1])}, "neighbour 2's public key is invalid"),
+        (peers | {3: (peers[3][0], peers[2][1])}, "repeats another key"),
+        (peers | {7: peers[2]}, "not our neighbours"),
+    ):
+        with pytest.raises(ParameterError, match=why):
+            device_mask(session, r.params, forged, r.inputs[6].encoded)
+    assert session.masked_with == ()  # nothing was sent
+
+
+def test_a_false_share_is_blamed_on_its_holder_and_the_round_completes() -> None:
+    r = Round.start(10, seed=24)
+    r.keys()
+    r.mask()
+    r.unmask()
+    liar, owner = 7, 3
+    share = bytearray(r.server.shares[owner][liar])
+    share[-1] ^= 1
+    r.server.shares[owner][liar] = bytes(share)
+    np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+    assert set(r.server.blamed) == {liar} and f"device {owner}'s self-mask" in r.server.blamed[liar]
+
+
+def test_inconsistent_shares_from_their_dealer_abort_naming_the_dealer() -> None:
+    r = Round.start(6, seed=25)
+    r.keys()
+    r.mask()
+    r.unmask()
+    owner = 4
+    held = r.server.shares[owner]
+    other = split(secrets.token_bytes(32), r.params.threshold, sorted(held))
+    for h in sorted(held)[:2]:  # two holders' shares come from another polynomial
+        held[h] = other[h]
+    with pytest.raises(SecAggAbort, match=f"device {owner} dealt inconsistent shares") as info:
+        r.server.finish()
+    assert info.value.blame == (owner,)
