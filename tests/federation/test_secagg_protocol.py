@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from federation import aggregation
-from federation.secagg import MaskedVectorError, quantization_error_bound
+from federation.secagg import MaskedVectorError, pki, quantization_error_bound
 from federation.secagg.masking import unmask_sum
 from federation.secagg.protocol import (
     DeviceSession,
@@ -30,6 +31,8 @@ from federation.secagg.protocol import (
     Reveal,
     SecAggAbort,
     ServerRound,
+    check_peer_keys,
+    device_endorse,
     device_keys,
     device_mask,
     device_unmask,
@@ -708,3 +711,169 @@ def test_inconsistent_shares_from_their_dealer_abort_naming_the_dealer() -> None
     with pytest.raises(SecAggAbort, match=f"device {owner} dealt inconsistent shares") as info:
         r.server.finish()
     assert info.value.blame == (owner,)
+
+
+# ============================================================== certified keys (run config secagg-pki)
+
+
+@pytest.fixture(scope="module")
+def fleet_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    names = [f"device-{i}" for i in range(1, 11)] + ["mallory"]
+    return pki.create_fleet_pki(tmp_path_factory.mktemp("pki"), names)
+
+
+@dataclass
+class CertifiedRound:
+    """A Round whose devices hold CA-certified keys and run the consistency check."""
+
+    r: Round
+    ca: bytes
+    creds: dict[int, pki.DeviceCredential]
+    identities: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    endorsements: dict[int, bytes] = field(default_factory=dict)  # everything the server collected
+
+    @classmethod
+    def start(cls, root: Path, n: int, seed: int) -> CertifiedRound:
+        r = Round.start(n, seed)
+        ca = pki.load_ca_public(root)
+        r.server = ServerRound(r.params, ca_public=ca)
+        return cls(r, ca, {i: pki.load_credential(root, f"device-{i}") for i in range(1, n + 1)})
+
+    def signed_keys(self, i: int, c_pk: bytes, s_pk: bytes, cred: pki.DeviceCredential | None = None):
+        cred = cred or self.creds[i]
+        statement = pki.round_keys_statement(self.r.params.digest(), i, c_pk, s_pk)
+        return cred.certificate, pki.sign(cred.private, statement)
+
+    def keys(self) -> None:
+        for i in self.r.inputs:
+            session, c_pk, s_pk = device_keys(self.r.params, i, expected_for(self.r.params))
+            self.r.sessions[i] = session
+            self.r.server.add_keys(i, c_pk, s_pk, self.signed_keys(i, c_pk, s_pk))
+
+    def mask(self) -> None:
+        r = self.r
+        for i in sorted(r.sessions):
+            r.peers[i] = r.server.peer_keys_for(i)
+            self.identities[i] = check_peer_keys(
+                r.sessions[i], r.params, r.peers[i], ca_public=self.ca,
+                credentials=r.server.peer_credentials_for(i), my_certificate=self.creds[i].certificate,
+            )  # fmt: skip
+            sealed, masked = device_mask(r.sessions[i], r.params, r.peers[i], r.inputs[i].encoded)
+            r.server.add_masked(i, sealed, masked)
+
+    def run(self, lists: dict[int, list[int]]) -> tuple[dict[int, Reveal], dict[int, str]]:
+        """Show each device its list, collect signatures, hand every device all of them."""
+        r = self.r
+        for i, survivors in lists.items():
+            self.endorsements[i] = device_endorse(r.sessions[i], r.params, survivors, self.creds[i].private)
+        reveals, refusals = {}, {}
+        for i, survivors in lists.items():
+            try:
+                reveals[i] = device_unmask(
+                    r.sessions[i], r.params, survivors, r.server.sealed_for(i), r.peers[i],
+                    endorsements=self.endorsements, identities=self.identities[i],
+                )  # fmt: skip
+            except ParameterError as exc:
+                refusals[i] = str(exc)
+        return reveals, refusals
+
+
+def test_certified_round_with_the_consistency_check_sums_exactly(fleet_pki: Path) -> None:
+    c = CertifiedRound.start(fleet_pki, 10, seed=30)
+    c.keys()
+    c.mask()
+    survivors = sorted(c.r.server.survivors)
+    for i in survivors:  # the server's own path: it verifies each signature as it arrives
+        c.r.server.add_endorsement(
+            i, device_endorse(c.r.sessions[i], c.r.params, survivors, c.creds[i].private)
+        )
+    for i in survivors:
+        reveal = device_unmask(
+            c.r.sessions[i], c.r.params, survivors, c.r.server.sealed_for(i), c.r.peers[i],
+            endorsements=c.r.server.endorsements_for(i), identities=c.identities[i],
+        )  # fmt: skip
+        c.r.server.add_reveal(i, reveal)
+    np.testing.assert_array_equal(c.r.server.finish(), c.r.plain_sum(c.r.inputs))
+
+
+def test_certified_devices_refuse_inconsistent_lists(fleet_pki: Path) -> None:
+    """The lists that leak x_1 + x_2 without certified keys: every device signs what it is shown,
+    and then finds fewer than t of its neighbours signed the same set, so none reveals anything."""
+    c = CertifiedRound.start(fleet_pki, 10, seed=31)
+    c.keys()
+    c.mask()
+    lists, _, _ = _split_lists(10)
+    reveals, refusals = c.run(lists)
+    assert reveals == {} and set(refusals) == set(lists)
+    assert all("signed this survivor set" in why for why in refusals.values())
+    # the honest consistent set is still refused: each device signs once per round
+    with pytest.raises(ParameterError, match="already endorsed"):
+        device_endorse(c.r.sessions[1], c.r.params, list(range(1, 11)), c.creds[1].private)
+
+
+def test_certified_devices_refuse_substituted_keys_sybils_and_replays(
+    fleet_pki: Path, tmp_path: Path
+) -> None:
+    c = CertifiedRound.start(fleet_pki, 6, seed=32)
+    c.keys()
+    r, target = c.r, 1
+    peers, creds = r.server.peer_keys_for(target), r.server.peer_credentials_for(target)
+    mine = c.creds[target].certificate
+
+    def attempt(p: dict, k: dict, why: str) -> None:
+        with pytest.raises(ParameterError, match=why):
+            check_peer_keys(
+                r.sessions[target], r.params, p, ca_public=c.ca, credentials=k, my_certificate=mine
+            )
+
+    # the server's own keys for neighbour 2 (a man in the middle), under 2's certificate and signature
+    _, mitm_c, mitm_s = device_keys(r.params, 2, expected_for(r.params))
+    attempt(peers | {2: (mitm_c, mitm_s)}, creds, "neighbour 2's keys are not signed")
+    # ...or signed by a key its own CA certified
+    rogue = pki.load_credential(pki.create_fleet_pki(tmp_path / "rogue", ["device-2"]), "device-2")
+    attempt(
+        peers | {2: (mitm_c, mitm_s)}, creds | {2: c.signed_keys(2, mitm_c, mitm_s, rogue)}, "not signed by"
+    )
+    # one certified device (mallory, colluding) signing for two positions: a Sybil
+    mallory = pki.load_credential(fleet_pki, "mallory")
+    sybil = dict(creds)
+    for j in (2, 3):
+        sybil[j] = c.signed_keys(j, *peers[j], mallory)
+    attempt(peers, sybil, "appears twice")
+    # keys signed for another round do not verify in this one
+    other = dataclasses.replace(r.params, server_round=ROUND + 1)
+    stale = pki.sign(c.creds[2].private, pki.round_keys_statement(other.digest(), 2, *peers[2]))
+    attempt(peers, creds | {2: (c.creds[2].certificate, stale)}, "neighbour 2's keys are not signed")
+    attempt(peers, {}, "without them")
+    # the server refuses the Sybil too: one certified name, one position
+    with pytest.raises(ValueError, match="already holds position"):
+        ServerRound(r.params, ca_public=c.ca, names={"mallory": 2}).add_keys(3, *peers[3], sybil[3])
+    assert check_peer_keys(
+        r.sessions[target], r.params, peers, ca_public=c.ca, credentials=creds, my_certificate=mine
+    ) == {j: c.creds[j].public() for j in peers}
+
+
+def test_certified_device_will_not_unmask_an_unsigned_set(fleet_pki: Path) -> None:
+    c = CertifiedRound.start(fleet_pki, 6, seed=33)
+    c.keys()
+    c.mask()
+    r, survivors = c.r, sorted(c.r.server.survivors)
+    with pytest.raises(ParameterError, match="never endorsed"):
+        device_unmask(
+            r.sessions[1], r.params, survivors, {}, r.peers[1], endorsements={}, identities=c.identities[1]
+        )
+    device_endorse(r.sessions[1], r.params, survivors, c.creds[1].private)
+    with pytest.raises(ParameterError, match="differs from the one this device signed"):
+        device_unmask(
+            r.sessions[1],
+            r.params,
+            survivors[:-1],
+            {},
+            r.peers[1],
+            endorsements={},
+            identities=c.identities[1],
+        )
+    with pytest.raises(ParameterError, match="signed this survivor set"):
+        device_unmask(
+            r.sessions[1], r.params, survivors, {}, r.peers[1], endorsements={}, identities=c.identities[1]
+        )
