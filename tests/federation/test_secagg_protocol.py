@@ -38,9 +38,15 @@ from federation.secagg.protocol import (
     device_unmask,
     plan,
 )
-from federation.secagg.quantize import decode_signed
+from federation.secagg.quantize import decode_signed, encode_integers
 from federation.secagg.shamir import combine, split
-from federation.secagg.vector import decode_total, encode_update, vector_length
+from federation.secagg.vector import (
+    ImplausibleSumError,
+    check_plausible_sum,
+    decode_total,
+    encode_update,
+    vector_length,
+)
 
 # A phone-style attention B, sensor-style conv/proj Bs, and a classification head.
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -877,3 +883,110 @@ def test_certified_device_will_not_unmask_an_unsigned_set(fleet_pki: Path) -> No
         device_unmask(
             r.sessions[1], r.params, survivors, {}, r.peers[1], endorsements={}, identities=c.identities[1]
         )
+
+
+# ======================================================================== hostile devices
+
+
+def _slot(params: Params, key: str) -> slice:
+    """Where `key` lies in the encoded vector (vector.py's layout: sorted expected keys)."""
+    offset = 0
+    for name, shape in sorted(aggregation.expected_shapes(SHAPES).items()):
+        size = int(np.prod(shape))
+        if name == key:
+            return slice(offset, offset + size)
+        offset += size
+    raise KeyError(key)
+
+
+def _hostile_round(seed: int, tamper) -> tuple[Round, dict[str, np.ndarray]]:
+    """A 10-device round in which device 3's encoded input is replaced by tamper(its input)."""
+    r = Round.start(10, seed=seed)
+    r.inputs[3] = dataclasses.replace(r.inputs[3], encoded=tamper(r.inputs[3].encoded.copy(), r.params))
+    r.keys()
+    r.mask()
+    r.unmask()
+    return r, decode_total(r.server.finish(), SHAPES, r.params)
+
+
+HEAD, B = "head.out.bias", "lora.conv2.lora_B.weight"
+
+
+def _set_weight(x: np.ndarray, params: Params, value: int) -> np.ndarray:
+    for key in SHAPES:
+        s = _slot(params, key + aggregation.WEIGHT)
+        width = s.stop - s.start
+        x[s] = encode_integers(np.full(width, value, dtype=np.int64), params.modulus_bits)
+    return x
+
+
+@pytest.mark.parametrize(
+    ("tamper", "check"),
+    [
+        # a coordinate far beyond clip x weight (no clipping on a hostile device)
+        (lambda x, p: _add(x, p, HEAD, 2 ** (p.modulus_bits - 3)), "value-bound"),
+        # a negative weight (it froze a task silently: keys with weight <= 0 were skipped)
+        (lambda x, p: _set_weight(x, p, -50), "value-bound"),  # W stays positive: values exceed clip x W
+        (lambda x, p: _set_weight(x, p, -10 * MAX_WEIGHT), "weight-range"),  # W <= 0
+        # a weight far above max-weight
+        (lambda x, p: _set_weight(x, p, 10 * MAX_WEIGHT * 10), "weight-range"),
+        # a weight on one key only
+        (lambda x, p: _add(x, p, HEAD + aggregation.WEIGHT, 7), "weights-consistent"),
+        # weights on B's last column without its first
+        (lambda x, p: _add(x, p, B + aggregation.WEIGHT, 0, last=100), "non-increasing"),
+    ],
+)
+def test_hostile_inputs_fail_the_plausibility_check(tamper, check: str) -> None:
+    r, decoded = _hostile_round(40, tamper)
+    with pytest.raises(ImplausibleSumError, match=check):
+        check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
+
+
+def _add(x: np.ndarray, params: Params, key: str, value: int, *, last: int = 0) -> np.ndarray:
+    s = _slot(params, key)
+    mask = np.uint64((1 << params.modulus_bits) - 1)
+    x[s.start] = (x[s.start] + np.uint64(value)) & mask
+    x[s.stop - 1] = (x[s.stop - 1] + np.uint64(last)) & mask
+    return x
+
+
+def test_honest_sum_passes_and_a_careful_hostile_device_is_bounded_only_by_clip() -> None:
+    r, decoded = _hostile_round(41, lambda x, p: x)
+    total = check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
+    assert total == sum(c.weight for c in r.inputs.values())
+    # the known limit (ACORN / RoFL): device 3 sets one coordinate so that the *sum* is exactly
+    # clip x W; no check can tell it from an honest round where every device pushed to +clip
+    s = _slot(r.params, HEAD)
+    scale = (2 ** (VALUE_BITS - 1) - 1) / CLIP
+    honest_rest = round(float(decoded[HEAD][0]) * scale) - int(
+        decode_signed(r.inputs[3].encoded[s][:1], r.params.modulus_bits)[0]
+    )
+
+    def push(x: np.ndarray, p: Params) -> np.ndarray:
+        target = round(CLIP * scale * total) - honest_rest
+        x[s.start] = encode_integers(np.array([target], dtype=np.int64), p.modulus_bits)[0]
+        return x
+
+    r2 = Round.start(10, seed=41)  # the same inputs (same seed): only device 3 differs
+    r2.inputs[3] = dataclasses.replace(r2.inputs[3], encoded=push(r.inputs[3].encoded.copy(), r.params))
+    for i in r2.inputs:
+        if i != 3:
+            r2.inputs[i] = r.inputs[i]
+    r2.keys()
+    r2.mask()
+    r2.unmask()
+    pushed = decode_total(r2.server.finish(), SHAPES, r2.params)
+    assert check_plausible_sum(pushed, SHAPES, r2.params, 10) == total
+    assert pushed[HEAD][0] / total == pytest.approx(CLIP, rel=1e-6)  # the mean moved to +clip
+
+
+def test_a_bogus_revealed_seed_is_caught_by_the_plausibility_check() -> None:
+    r = Round.start(10, seed=42)
+    r.keys()
+    r.mask([i for i in r.inputs if i != 9])  # 9 vanishes after keys: survivors reveal seeds with it
+    r.unmask()
+    liar = 4
+    r.server.pair_seeds[(liar, 9)] = secrets.token_bytes(32)  # what a hostile survivor reveals
+    decoded = decode_total(r.server.finish(), SHAPES, r.params)
+    with pytest.raises(ImplausibleSumError):
+        check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
