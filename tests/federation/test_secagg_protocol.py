@@ -663,7 +663,7 @@ def test_parameter_downgrades_are_refused_before_anything_is_drawn() -> None:
     ):
         with pytest.raises(ParameterError, match=why):
             device_keys(dataclasses.replace(params, **change), 1, expected)  # type: ignore[arg-type]
-    with pytest.raises(ParameterError, match="outside 1..10"):
+    with pytest.raises(ParameterError, match=r"outside 1\.\.10"):
         device_keys(params, 11, expected)
     device_keys(params, 10, expected)  # the honest parameters are accepted
 
@@ -673,7 +673,7 @@ def test_low_order_and_repeated_keys_are_refused_by_server_and_device() -> None:
     r.keys([1, 2, 3, 4, 5])
     session, c_pk, s_pk = device_keys(r.params, 6, expected_for(r.params))
     for bad in (bytes(32), (1).to_bytes(32, "little")):  # low-order points: all-zero shared secret
-        with pytest.raises(ValueError, match="all-zero|invalid|low"):
+        with pytest.raises(ValueError, match="invalid X25519 public key"):
             r.server.add_keys(6, bad, s_pk)
     with pytest.raises(ValueError, match="repeat"):
         r.server.add_keys(6, c_pk, r.server.keys[1][1])  # a copy of device 1's s key
