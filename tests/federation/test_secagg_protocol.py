@@ -990,3 +990,13 @@ def test_a_bogus_revealed_seed_is_caught_by_the_plausibility_check() -> None:
     decoded = decode_total(r.server.finish(), SHAPES, r.params)
     with pytest.raises(ImplausibleSumError):
         check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
+
+
+@pytest.mark.parametrize("n", [3, 4, 10, 50, 101, 150, 300])
+def test_devices_accept_every_honest_plan(n: int) -> None:
+    """The server's own plan passes every device check, sparse graphs (n > 100) included."""
+    from federation.secagg.protocol import check_params
+
+    params = _params(n)
+    check_params(params, Expected(RUN_ID, GROUP, CLIP, VALUE_BITS, MAX_WEIGHT, min_devices=3))
+    assert params.degree // 2 + 1 == params.threshold and (params.degree < n - 1) == (n >= 150)
