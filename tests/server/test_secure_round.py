@@ -40,6 +40,7 @@ class DeviceGrid(Grid):
         self.app, self.contexts = app, contexts
         self.pending: dict[str, Message] = {}
         self.hooks: list[Hook] = []
+        self.request_hooks: list[Callable[[Message], Message]] = []  # a lying server, on the wire
         self.sent: list[Message] = []
 
     def set_run(self, run_id: int) -> None:  # pragma: no cover - not used by the loop
@@ -72,8 +73,11 @@ class DeviceGrid(Grid):
             msg = self.pending.pop(mid, None)
             if msg is None:
                 continue
+            delivered = msg
+            for rewrite in self.request_hooks:
+                delivered = rewrite(delivered)
             try:
-                reply = self.app(msg, self.contexts[msg.metadata.dst_node_id])
+                reply = self.app(delivered, self.contexts[msg.metadata.dst_node_id])
             except Exception as exc:  # what a SuperNode reports when its ClientApp raises
                 reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             for hook in self.hooks:
@@ -313,3 +317,36 @@ def test_certified_round_runs_the_consistency_check_and_refuses_unsigned_keys(
     assert {m.metadata.message_type for m in grid.sent} >= {KEYS, MASK, CHECK, UNMASK}
     assert "check" in stats["secagg_stage_seconds"]
     assert f"node {unsigned}'s keys reply rejected in round 1: round keys are not signed" in log_lines.text()
+
+
+def _rewrite(stage: str, nodes: set[int], **config: Any) -> Callable[[Message], Message]:
+    """A lying server: the request to `nodes` at `stage` carries other config values."""
+
+    def rewrite(msg: Message) -> Message:
+        if msg.metadata.message_type == stage and msg.metadata.dst_node_id in nodes:
+            for key, value in config.items():
+                msg.content["config"][key] = value(msg) if callable(value) else value
+        return msg
+
+    return rewrite
+
+
+def test_a_lying_server_is_refused_by_the_real_handlers_and_honest_rounds_run_on(
+    app: Any, tmp_path: Path, cache_dir: Path, log_lines: LogLines
+) -> None:
+    fed, grid = _federation(app, tmp_path, cache_dir)
+    nodes = sorted(fed.registry.nodes)
+    # round 1: a downgrade to threshold 1 for every device: none trains, none sends keys
+    grid.request_hooks.append(_rewrite(KEYS, set(nodes), **{"sa-threshold": 1}))
+    before = _snapshot(fed)
+    stats = fed.train_round(1)
+    assert stats["aborted"] == ["sensor"] and stats["failures"] == 10 and _unchanged(fed, before)
+    assert "refusing secure-aggregation parameters: threshold 1 is outside" in log_lines.text()
+    # round 2: the target is told "survivors: you and two ids that do not exist" (issue attack 1)
+    target = nodes[4]  # protocol id 5: ids follow sorted node ids
+    grid.request_hooks[:] = [_rewrite(UNMASK, {target}, survivors=[5, 98, 99])]
+    stats = fed.train_round(2)
+    assert f"node {target} failed in round 2 (unmask)" in log_lines.text()
+    assert "not members of this group" in log_lines.text()
+    # the others revealed honestly: the round completes, with the target's vector in the sum
+    assert stats["aborted"] == [] and stats["participants"] == {"sensor": 10} and not _unchanged(fed, before)
