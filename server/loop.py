@@ -408,6 +408,14 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
     fed = Federation(grid, run, run_id)
     if not run.secure_aggregation:
         log(WARNING, "fedge: secure-aggregation = false: the server sees every device's individual update")
+    elif run.secagg_pki:  # fail at start, not in round 1, when the CA's public key is missing
+        from federation.secagg.pki import CertificateError, load_ca_public
+
+        try:
+            load_ca_public(run.secagg_pki)
+        except CertificateError as exc:
+            raise FedgeError(f"run config secagg-pki: {exc}") from None
+        log(INFO, "fedge: secure aggregation with certified device keys (CA in %s)", run.secagg_pki)
     log(INFO, "fedge: scenario %s, %d rounds, output %s", run.scenario.name, run.rounds, fed.out)
     # Warm the data caches here, once, before devices ask for them concurrently.
     for task in fed.tasks:
