@@ -1,9 +1,13 @@
 """The device's side of secure aggregation over Flower messages (protocol: federation/secagg).
 
-Three train actions per round (`train.secagg_keys`, `train.secagg_mask`, `train.secagg_unmask`).
-The first carries the global state and runs the local training; the device keeps its encoded
-contribution and its secrets in the node's `context.state` and replies with public keys only.
-No reply ever holds the device's update, its weight, or a secret in the clear.
+Train actions per round: `train.secagg_keys`, `train.secagg_mask`, (with certified keys,
+run config `secagg-pki`) `train.secagg_check`, and `train.secagg_unmask`. The first carries the
+global state and runs the local training; the device keeps its encoded contribution and its
+secrets in the node's `context.state` and replies with public keys only. Every step checks what
+the server sent against the device's own run config and session (`federation.secagg.protocol`)
+before it computes anything; a refusal raises, so the server sees an error reply and the
+device's secrets stay where they are. No reply ever holds the device's update, its weight, or
+a secret in the clear.
 """
 
 from __future__ import annotations
@@ -19,16 +23,51 @@ ENCODED = "fedge.secagg.input"  # context.state: the encoded (unmasked) contribu
 
 
 def _params(msg: Message, context: Context):  # -> federation.secagg.protocol.Params
-    from federation.secagg.protocol import Params
+    from federation.secagg.protocol import ParameterError, Params
 
     params = Params.from_config(msg.content["config"])
     if params.run_id != context.run_id % 2**63:
-        raise ValueError(f"secure-aggregation message for run {params.run_id}, this is run {context.run_id}")
+        raise ParameterError(
+            f"secure-aggregation message for run {params.run_id}, this is run {context.run_id % 2**63}"
+        )
     return params
 
 
+def _expected(context: Context):  # -> federation.secagg.protocol.Expected
+    from federation.secagg.protocol import Expected
+
+    run, device = _setup(context)
+    return Expected(
+        run_id=context.run_id % 2**63,
+        group=device.task,
+        clip=run.secagg_clip,
+        value_bits=run.secagg_value_bits,
+        max_weight=run.task_max_weight(device.task),
+        min_devices=run.secagg_min_devices,
+    )
+
+
+def _pki(context: Context):  # -> (ca public key, this device's credential) or None
+    """With run config `secagg-pki`: the CA's public key and this device's certified key.
+
+    A deployed device names its credential with node config `secagg-device-name`; a simulated
+    one is `partition-<id>`."""
+    from federation.secagg import pki
+
+    run, _ = _setup(context)
+    if not run.secagg_pki:
+        return None
+    name = context.node_config.get("secagg-device-name")
+    if not name:
+        name = pki.device_name_for(int(context.node_config["partition-id"]))
+    return pki.load_ca_public(run.secagg_pki), pki.load_credential(run.secagg_pki, str(name))
+
+
 def _save_session(
-    context: Context, session: Any, peers: dict[int, tuple[bytes, bytes]] | None = None
+    context: Context,
+    session: Any,
+    peers: dict[int, tuple[bytes, bytes]] | None = None,
+    identities: dict[int, bytes] | None = None,
 ) -> None:
     record = ConfigRecord(
         {
@@ -38,22 +77,31 @@ def _save_session(
             "s": session.s_private,
             "b": session.self_seed,
             "masked-with": list(session.masked_with),
-            "shared-with": list(session.shared_with),
+            "survivors": list(session.survivors),
+            "revealed": session.revealed,
         }
     )
+    old = context.state.get(SESSION)
+    if peers is None and isinstance(old, ConfigRecord):  # keep what step 2 stored
+        for key in ("peer-ids", "peer-c", "peer-s", "identity-ids", "identity-keys"):
+            if key in old:
+                record[key] = old[key]
     if peers is not None:
         record["peer-ids"] = list(peers)
         record["peer-c"] = [peers[j][0] for j in peers]
         record["peer-s"] = [peers[j][1] for j in peers]
+    if identities is not None:
+        record["identity-ids"] = list(identities)
+        record["identity-keys"] = [identities[j] for j in identities]
     context.state[SESSION] = record
 
 
-def _load_session(context: Context):  # -> (DeviceSession, peer keys)
-    from federation.secagg.protocol import DeviceSession
+def _load_session(context: Context):  # -> (DeviceSession, peer keys, peer identities)
+    from federation.secagg.protocol import DeviceSession, ParameterError
 
     record = context.state.get(SESSION)
     if not isinstance(record, ConfigRecord):
-        raise ValueError(
+        raise ParameterError(
             "no secure-aggregation session on this device: the round's first step never reached it"
         )
     session = DeviceSession(
@@ -63,7 +111,8 @@ def _load_session(context: Context):  # -> (DeviceSession, peer keys)
         bytes(record["s"]),
         bytes(record["b"]),
         tuple(int(j) for j in record.get("masked-with", [])),
-        tuple(int(j) for j in record.get("shared-with", [])),
+        tuple(int(j) for j in record.get("survivors", [])),
+        bool(record.get("revealed", False)),
     )
     peers = {
         int(j): (bytes(c), bytes(s))
@@ -71,7 +120,11 @@ def _load_session(context: Context):  # -> (DeviceSession, peer keys)
             record.get("peer-ids", []), record.get("peer-c", []), record.get("peer-s", []), strict=True
         )
     }
-    return session, peers
+    identities = {
+        int(j): bytes(k)
+        for j, k in zip(record.get("identity-ids", []), record.get("identity-keys", []), strict=True)
+    }
+    return session, peers, identities
 
 
 def _forget(context: Context) -> None:
@@ -80,24 +133,40 @@ def _forget(context: Context) -> None:
             del context.state[key]
 
 
+def _reply(msg: Message, server_round: int, **records: Any) -> Message:
+    return Message(
+        RecordDict({**records, "metrics": MetricRecord({"server-round": server_round})}), reply_to=msg
+    )
+
+
 @app.train("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
-    """Step 1: train, encode the contribution (kept here), reply with two public keys."""
-    from federation.secagg.protocol import device_keys
+    """Step 1: check the round's parameters, train, encode the contribution (kept here), reply
+    with two public keys (signed with the device's certified key under a PKI)."""
+    from federation.secagg import pki
+    from federation.secagg.protocol import ParameterError, device_keys
     from federation.secagg.vector import encode_update
 
     _forget(context)  # a new round: never reuse a previous round's secrets
     params = _params(msg, context)
+    config = msg.content["config"]
+    if params.server_round != int(config["server-round"]):
+        raise ParameterError("secure-aggregation parameters are for another round")
+    # checked before training: a downgraded or replayed round costs the device nothing
+    session, c_public, s_public = device_keys(params, int(config["sa-my-id"]), _expected(context))
+    certified = _pki(context)
     _, _, result, server_round = train_locally(msg, context)
-    if params.server_round != server_round:
-        raise ValueError("secure-aggregation parameters are for another round")
     shapes = {k: tuple(v.shape) for k, v in result.delta.items()}
     weight = int(result.metrics["num-examples"])
     encoded = encode_update(result.delta, weight, shapes, params, rank=result.rank)
-    session, c_public, s_public = device_keys(params, int(msg.content["config"]["sa-my-id"]))
     _save_session(context, session)
     context.state[ENCODED] = ArrayRecord({"x": Array(encoded)})
     keys = ConfigRecord({"c-pk": c_public, "s-pk": s_public})
+    if certified is not None:
+        _, credential = certified
+        statement = pki.round_keys_statement(session.params_digest, session.my_id, c_public, s_public)
+        keys["cert"] = credential.certificate
+        keys["sig"] = pki.sign(credential.private, statement)
     metrics = MetricRecord(
         {"server-round": server_round, "train_loss": result.metrics["train_loss"],
          "train_seconds": result.metrics["train_seconds"]}
@@ -121,52 +190,87 @@ def _simulated_dropout(context: Context, params: Any) -> bool:
 
 @app.train("secagg_mask")
 def secagg_mask(msg: Message, context: Context) -> Message:
-    """Step 2: seal shares of our self-mask seed for the neighbours; reply the masked vector."""
-    from federation.secagg.protocol import device_mask
+    """Step 2: check the neighbours' keys, seal shares of our self-mask seed for them, reply the
+    masked vector packed to m bits per coordinate."""
+    from federation.secagg.packing import pack_residues
+    from federation.secagg.protocol import ParameterError, check_peer_keys, device_mask
 
     params = _params(msg, context)
     if _simulated_dropout(context, params):
         _forget(context)
         raise RuntimeError("simulated dropout after sharing keys (run config dropout-after-keys)")
     config = msg.content["config"]
-    session, _ = _load_session(context)
+    session, _, _ = _load_session(context)
     peers = {
         int(j): (bytes(c), bytes(s))
         for j, c, s in zip(config["peer-ids"], config["peer-c"], config["peer-s"], strict=True)
     }
+    identities: dict[int, bytes] = {}
+    certified = _pki(context)
+    if certified is not None:
+        ca_public, credential = certified
+        credentials = {
+            int(j): (bytes(c), bytes(s))
+            for j, c, s in zip(
+                config.get("peer-ids", []),
+                config.get("peer-cert", []),
+                config.get("peer-sig", []),
+                strict=True,
+            )
+        }
+        identities = check_peer_keys(
+            session, params, peers, ca_public=ca_public, credentials=credentials,
+            my_certificate=credential.certificate,
+        )  # fmt: skip
+    if ENCODED not in context.state:
+        raise ParameterError("this device already sent its masked vector in this round")
     encoded = context.state[ENCODED]["x"].numpy()
     sealed, masked = device_mask(session, params, peers, encoded)
-    _save_session(context, session, peers)
+    _save_session(context, session, peers, identities)
     del context.state[ENCODED]  # from here on only the masked vector exists
     shares = ConfigRecord({"to": list(sealed), "sealed": [sealed[j] for j in sealed]})
-    return Message(
-        RecordDict(
-            {
-                "shares": shares,
-                "masked": ArrayRecord({"y": Array(masked)}),
-                "metrics": MetricRecord({"server-round": params.server_round}),
-            }
-        ),
-        reply_to=msg,
+    packed = ArrayRecord({"y": Array(pack_residues(masked, params.modulus_bits))})
+    return _reply(msg, params.server_round, shares=shares, masked=packed)
+
+
+@app.train("secagg_check")
+def secagg_check(msg: Message, context: Context) -> Message:
+    """Step 3 (certified keys): check the announced survivor set and sign it (consistency check)."""
+    from federation.secagg.protocol import ParameterError, device_endorse
+
+    params = _params(msg, context)
+    certified = _pki(context)
+    if certified is None:
+        raise ParameterError("this device holds no certified key (run config secagg-pki is empty)")
+    session, _, _ = _load_session(context)
+    signature = device_endorse(
+        session, params, [int(j) for j in msg.content["config"]["survivors"]], certified[1].private
     )
+    _save_session(context, session)
+    return _reply(msg, params.server_round, endorsement=ConfigRecord({"sig": signature}))
 
 
 @app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
-    """Step 3: reveal survivors' seed shares and pairwise seeds with the vanished; then forget."""
+    """Last step: reveal survivors' seed shares and pairwise seeds with the vanished; then forget."""
     from federation.secagg.protocol import device_unmask
 
     params = _params(msg, context)
     config = msg.content["config"]
-    session, peers = _load_session(context)
+    session, peers, identities = _load_session(context)
     sealed = {int(j): bytes(ct) for j, ct in zip(config["from"], config["sealed"], strict=True)}
+    endorsements = {
+        int(j): bytes(sig)
+        for j, sig in zip(config.get("endorsers", []), config.get("endorsements", []), strict=True)
+    }
     reveal = device_unmask(
         session,
         params,
         [int(j) for j in config["survivors"]],
-        [int(j) for j in config["vanished"]],
         sealed,
         peers,
+        endorsements=endorsements,
+        identities=identities if _pki(context) is not None else None,
     )
     _forget(context)
     record = ConfigRecord(
@@ -178,7 +282,4 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
             "tampered": reveal.tampered,
         }
     )
-    return Message(
-        RecordDict({"reveal": record, "metrics": MetricRecord({"server-round": params.server_round})}),
-        reply_to=msg,
-    )
+    return _reply(msg, params.server_round, reveal=record)

@@ -103,6 +103,9 @@ class RunConfig:
     secagg_value_bits: int  # fixed-point bits per coordinate (sign included)
     dropout_after_keys: float  # simulation knob: fraction of devices vanishing after key sharing
     secagg_min_devices: int  # a task's round needs at least this many devices to be aggregated
+    secagg_pki: (
+        str  # "": no certified keys; else a directory with the operator CA's ca.pub (federation/secagg/pki)
+    )
     device_clock: bool  # sample by simulated availability, over-select, deadline, dropouts
     bench_alternate: bool  # benchmarks only: odd rounds plain, even rounds secure (same run)
     uniform_rank: int  # 0: each device trains its tier's LoRA rank; r: every device trains rank r
@@ -112,6 +115,19 @@ class RunConfig:
         if self.bench_alternate:
             return server_round % 2 == 0
         return self.secure_aggregation
+
+    def task_max_weight(self, task: str) -> int:
+        """The largest weight one device of `task` can honestly claim: its examples seen, at most
+        steps x batch of its class (public), capped by max-weight. Secure aggregation sizes its
+        modulus on it and devices refuse rounds planned for another bound."""
+        from federation.scenarios import DEVICE_TASK
+
+        bounds = [
+            self.train_for(c).steps * self.train.batch_size
+            for c in self.scenario.fleet
+            if DEVICE_TASK[c] == task
+        ]
+        return max(1, min(int(self.max_weight), max(bounds, default=int(self.max_weight))))
 
     def train_for(self, device_class: str) -> TrainSettings:
         """Local work of one device class: the scenario's steps unless local-steps is set."""
@@ -175,6 +191,7 @@ class RunConfig:
             secagg_value_bits=_get(cfg, "secagg-value-bits", int, "positive"),
             dropout_after_keys=_get(cfg, "dropout-after-keys", float, "nonneg"),
             secagg_min_devices=max(2, _get(cfg, "secagg-min-devices", int, "positive")),
+            secagg_pki=_get(cfg, "secagg-pki", str),
             device_clock=_get(cfg, "device-clock", bool) and scenario.device_clock,
             bench_alternate=_get(cfg, "bench-alternate", bool),
             uniform_rank=_get(cfg, "uniform-rank", int, "nonneg"),

@@ -239,13 +239,19 @@ class Federation:
         return [n for n in picked if n in self.registry.nodes]
 
     def upload_bytes(self, task: str) -> int:
-        """What one device of `task` uploads: the masked uint64 vector, or float32 contribution."""
+        """What one device of `task` uploads: the masked vector packed to m bits per coordinate
+        (m for a group of the round's devices of that task), or its float32 contribution."""
         from federation.aggregation import expected_shapes
+        from federation.scenarios import DEVICE_TASK
+        from federation.secagg.packing import packed_size
+        from federation.secagg.protocol import required_modulus_bits
         from federation.secagg.vector import vector_length
 
         shapes = self.task_shapes(task)
         if self.run.secure_aggregation:
-            return 8 * vector_length(shapes)
+            n = sum(k for c, k in self.run.scenario.per_round.items() if DEVICE_TASK[c] == task)
+            m = required_modulus_bits(self.run.secagg_value_bits, max(n, 2), self.run.task_max_weight(task))
+            return packed_size(vector_length(shapes), m)
         return 4 * sum(int(np.prod(s)) for s in expected_shapes(shapes).values())
 
     def choose(self, server_round: int) -> tuple[list[int], dict[str, Any]]:
@@ -408,6 +414,14 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
     fed = Federation(grid, run, run_id)
     if not run.secure_aggregation:
         log(WARNING, "fedge: secure-aggregation = false: the server sees every device's individual update")
+    elif run.secagg_pki:  # fail at start, not in round 1, when the CA's public key is missing
+        from federation.secagg.pki import CertificateError, load_ca_public
+
+        try:
+            load_ca_public(run.secagg_pki)
+        except CertificateError as exc:
+            raise FedgeError(f"run config secagg-pki: {exc}") from None
+        log(INFO, "fedge: secure aggregation with certified device keys (CA in %s)", run.secagg_pki)
     log(INFO, "fedge: scenario %s, %d rounds, output %s", run.scenario.name, run.rounds, fed.out)
     # Warm the data caches here, once, before devices ask for them concurrently.
     for task in fed.tasks:

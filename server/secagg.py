@@ -1,9 +1,11 @@
 """The server's side of secure aggregation over Flower messages (protocol: federation/secagg).
 
 One group per task (a task's devices share a vector layout), all groups advancing together:
-three pushes per round (keys + training, masks, unmask), whatever the number of dropouts. The
-server only ever handles public keys, sealed shares, masked vectors, revealed shares and seeds,
-and finally the decoded *sum* of the devices' contributions.
+three pushes per round (keys + training, masks, unmask), four with certified device keys (run
+config `secagg-pki`: a consistency check of the survivor set before anything is revealed),
+whatever the number of dropouts. The server only ever handles public keys, sealed shares,
+masked vectors, signatures, revealed shares and seeds, and finally the decoded *sum* of the
+devices' contributions, which it checks (`vector.check_plausible_sum`) before applying it.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
 from federation import aggregation
+from federation.secagg.packing import unpack_residues
 from federation.secagg.protocol import Params, Reveal, SecAggAbort, ServerRound, member_ids, plan
-from federation.secagg.vector import decode_total, vector_length
+from federation.secagg.vector import check_plausible_sum, decode_total, vector_length
 from server.messaging import send_and_stream
 
 if TYPE_CHECKING:
     from server.loop import Federation
 
-KEYS, MASK, UNMASK = (f"{MessageType.TRAIN}.secagg_{s}" for s in ("keys", "mask", "unmask"))
+KEYS, MASK, CHECK, UNMASK = (f"{MessageType.TRAIN}.secagg_{s}" for s in ("keys", "mask", "check", "unmask"))
 
 
 @dataclass
@@ -37,6 +40,9 @@ class Group:
     params: Params
     state: ServerRound
     node_of: dict[int, int] = field(default_factory=dict)  # protocol id -> node id
+
+    def nodes_named(self, ids: Any) -> list[int]:
+        return [self.node_of.get(i, -1) for i in ids]
 
 
 def _message(node: int, message_type: str, config: Mapping[str, Any], **records: Any) -> Message:
@@ -58,16 +64,19 @@ def _failed(reply: Message, server_round: int, stage: str) -> bool:
     return True
 
 
-def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) -> dict[str, Any]:
-    """A training round whose aggregate the server learns only as a sum."""
+def plan_groups(fed: Federation, server_round: int, chosen: list[int]) -> list[Group]:
+    """One group per task among the chosen devices; a task below secagg-min-devices sits out."""
     run = fed.run
+    ca_public = None
+    if run.secagg_pki:
+        from federation.secagg.pki import load_ca_public
+
+        ca_public = load_ca_public(run.secagg_pki)
     by_task: dict[str, list[int]] = {}
     for node in chosen:
         by_task.setdefault(fed.registry.nodes[node].task, []).append(node)
-    groups: dict[int, Group] = {}  # node id -> its group
-    all_groups: list[Group] = []
+    groups = []
     for task, nodes in by_task.items():
-        shapes = fed.task_shapes(task)
         if len(nodes) < run.secagg_min_devices:
             # A sum of two updates tells each device the other's: too few to hide anyone.
             log(WARNING, "fedge: round %d: only %d %s devices, secure aggregation needs %d; %s sits out",
@@ -79,12 +88,12 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
                 server_round,
                 task,
                 len(nodes),
-                vector_length(shapes),
+                vector_length(fed.task_shapes(task)),
                 clip=run.secagg_clip,
                 value_bits=run.secagg_value_bits,
-                max_weight=int(run.max_weight),
+                max_weight=run.task_max_weight(task),
             )
-        except SecAggAbort as exc:
+        except (SecAggAbort, ValueError) as exc:
             log(
                 WARNING,
                 "fedge: secure aggregation: %s task left out of round %d: %s",
@@ -94,9 +103,16 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
             )
             continue
         ids = member_ids(nodes)
-        group = Group(task, nodes, ids, params, ServerRound(params), {i: n for n, i in ids.items()})
-        all_groups.append(group)
-        groups.update(dict.fromkeys(nodes, group))
+        state = ServerRound(params, ca_public=ca_public)
+        groups.append(Group(task, nodes, ids, params, state, {i: n for n, i in ids.items()}))
+    return groups
+
+
+def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) -> dict[str, Any]:
+    """A training round whose aggregate the server learns only as a sum."""
+    run = fed.run
+    all_groups = plan_groups(fed, server_round, chosen)
+    groups = {node: group for group in all_groups for node in group.nodes}
     stats: dict[str, Any] = {"participants": {}, "failures": 0, "rejected": 0, "vanished": 0, "aborted": []}
     losses: dict[str, list[float]] = {}
     upload = download = 0
@@ -109,7 +125,25 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
         stage_seconds[stage] = now - clock
         clock = now
 
-    # Step 1: global state + parameters; devices train and answer with public keys.
+    def replies(messages: list[Message], stage: str):  # -> (reply, node, group) of usable replies
+        for reply in send_and_stream(fed.grid, messages, run.round_timeout):
+            node = reply.metadata.src_node_id
+            group = groups.get(node)
+            if group is None:
+                log(WARNING, "fedge: round %d (%s): reply from node %d, which is in no group; ignored",
+                    server_round, stage, node)  # fmt: skip
+                continue
+            if _failed(reply, server_round, stage):
+                if stage == "keys + training":
+                    stats["failures"] += 1
+                continue
+            yield reply, node, group
+
+    def reject(node: int, stage: str, exc: BaseException) -> None:
+        stats["rejected"] += 1
+        log(WARNING, "fedge: node %d's %s reply rejected in round %d: %s", node, stage, server_round, exc)
+
+    # Step 1: global state + parameters; devices check them, train, answer with public keys.
     messages = []
     for group in all_groups:
         arrays = fed.task_record(group.task)
@@ -118,21 +152,14 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
             config["sa-my-id"] = group.ids[node]
             messages.append(_message(node, KEYS, config, arrays=arrays))
             download += arrays.count_bytes()
-    for reply in send_and_stream(fed.grid, messages, run.round_timeout):
-        node = reply.metadata.src_node_id
-        group = groups[node]
-        if _failed(reply, server_round, "keys + training"):
-            stats["failures"] += 1
-            continue
-        keys = reply.content["keys"]
+    for reply, node, group in replies(messages, "keys + training"):
         try:
-            group.state.add_keys(group.ids[node], bytes(keys["c-pk"]), bytes(keys["s-pk"]))
-        except (KeyError, ValueError) as exc:
-            stats["rejected"] += 1
-            log(WARNING, "fedge: node %d sent malformed keys in round %d: %s", node, server_round, exc)
-            continue
-        losses.setdefault(group.task, []).append(float(reply.content["metrics"]["train_loss"]))
-
+            keys = reply.content["keys"]
+            credential = (bytes(keys["cert"]), bytes(keys["sig"])) if group.state.ca_public else None
+            group.state.add_keys(group.ids[node], bytes(keys["c-pk"]), bytes(keys["s-pk"]), credential)
+            losses.setdefault(group.task, []).append(float(reply.content["metrics"]["train_loss"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            reject(node, "keys", exc)  # counted as never arrived: no neighbour masks with it
     lap("keys+train")
 
     # Step 2: neighbours' public keys; devices answer with sealed shares and masked vectors.
@@ -147,75 +174,79 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
                 "peer-c": [peers[j][0] for j in peers],
                 "peer-s": [peers[j][1] for j in peers],
             }
+            if group.state.ca_public:
+                creds = group.state.peer_credentials_for(pid)
+                config["peer-cert"] = [creds[j][0] for j in peers]
+                config["peer-sig"] = [creds[j][1] for j in peers]
             messages.append(_message(group.node_of[pid], MASK, config))
-    for reply in send_and_stream(fed.grid, messages, run.round_timeout):
-        node = reply.metadata.src_node_id
-        group = groups[node]
-        if _failed(reply, server_round, "mask: vanished after sharing keys"):
-            continue
+    for reply, node, group in replies(messages, "mask: vanished after sharing keys"):
         try:
             shares = reply.content["shares"]
             sealed = {int(j): bytes(ct) for j, ct in zip(shares["to"], shares["sealed"], strict=True)}
-            masked = reply.content["masked"]["y"].numpy()
-            upload += reply.content["masked"].count_bytes()
+            packed = reply.content["masked"]["y"].numpy()
+            masked = unpack_residues(packed, group.params.modulus_bits, group.params.length)
             group.state.add_masked(group.ids[node], sealed, masked)
+            upload += reply.content["masked"].count_bytes() + sum(len(ct) for ct in sealed.values())
         except (KeyError, ValueError, TypeError) as exc:
-            stats["rejected"] += 1
-            log(WARNING, "fedge: node %d's masked vector rejected in round %d: %s", node, server_round, exc)
-
+            reject(node, "masked vector", exc)
     lap("mask")
+    for group in all_groups:
+        stats["vanished"] += len(group.state.vanished())
 
-    # Step 3: who survived; survivors reveal what recovery needs.
+    # Step 3 (certified keys): every survivor signs the survivor set it is shown.
+    if any(group.state.ca_public for group in all_groups):
+        messages = []
+        for group in all_groups:
+            survivors = sorted(group.state.survivors)
+            for pid in survivors:
+                config = {**group.params.to_config(), "server-round": server_round, "survivors": survivors}
+                messages.append(_message(group.node_of[pid], CHECK, config))
+        for reply, node, group in replies(messages, "consistency check"):
+            try:
+                group.state.add_endorsement(group.ids[node], bytes(reply.content["endorsement"]["sig"]))
+            except (KeyError, ValueError, TypeError) as exc:
+                reject(node, "consistency check", exc)
+        lap("check")
+
+    # Last step: who survived; survivors reveal what recovery needs.
     messages = []
     for group in all_groups:
-        survivors, vanished = sorted(group.state.survivors), sorted(group.state.vanished())
-        stats["vanished"] += len(vanished)
+        survivors = sorted(group.state.survivors)
         for pid in survivors:
             sealed = group.state.sealed_for(pid)
             config = {
                 **group.params.to_config(),
                 "server-round": server_round,
                 "survivors": survivors,
-                "vanished": vanished,
                 "from": list(sealed),
                 "sealed": list(sealed.values()),
             }
+            if group.state.ca_public:
+                endorsements = group.state.endorsements_for(pid)
+                config["endorsers"] = list(endorsements)
+                config["endorsements"] = list(endorsements.values())
             messages.append(_message(group.node_of[pid], UNMASK, config))
-    for reply in send_and_stream(fed.grid, messages, run.round_timeout):
-        node = reply.metadata.src_node_id
-        group = groups[node]
-        if _failed(reply, server_round, "unmask"):
-            continue
-        record = reply.content["reveal"]
-        reveal = Reveal(
-            {int(o): bytes(s) for o, s in zip(record["share-owners"], record["shares"], strict=True)},
-            {int(j): bytes(s) for j, s in zip(record["pair-ids"], record["pair-seeds"], strict=True)},
-            [int(j) for j in record["tampered"]],
-        )
-        for sender in reveal.tampered:
-            log(WARNING, "fedge: node %d received a tampered share from node %d in round %d; ignored",
-                node, group.node_of.get(sender, -1), server_round)  # fmt: skip
-        group.state.add_reveal(group.ids[node], reveal)
-
+    for reply, node, group in replies(messages, "unmask"):
+        try:
+            record = reply.content["reveal"]
+            reveal = Reveal(
+                {int(o): bytes(s) for o, s in zip(record["share-owners"], record["shares"], strict=True)},
+                {int(j): bytes(s) for j, s in zip(record["pair-ids"], record["pair-seeds"], strict=True)},
+                [int(j) for j in record["tampered"]],
+            )
+            group.state.add_reveal(group.ids[node], reveal)
+        except (KeyError, ValueError, TypeError) as exc:
+            reject(node, "reveal", exc)
     lap("unmask")
+
     total = aggregation.init()
     for group in all_groups:
-        try:
-            vector = group.state.finish()
-        except SecAggAbort as exc:
+        if _finish_group(fed, group, server_round, total):
+            for pid in group.state.survivors:
+                device_class = fed.registry.nodes[group.node_of[pid]].device_class
+                stats["participants"][device_class] = stats["participants"].get(device_class, 0) + 1
+        else:
             stats["aborted"].append(group.task)
-            log(WARNING, "fedge: round %d: %s update aborted, global %s model unchanged: %s",
-                server_round, group.task, group.task, exc)  # fmt: skip
-            continue
-        decoded = decode_total(vector, fed.task_shapes(group.task), group.params)
-        aggregation.add(total, {f"{group.task}/{k}": v for k, v in decoded.items()})
-        cls_counts = stats["participants"]
-        for pid in group.state.survivors:
-            device_class = fed.registry.nodes[group.node_of[pid]].device_class
-            cls_counts[device_class] = cls_counts.get(device_class, 0) + 1
-        log(INFO, "fedge: round %d %s: secure sum of %d devices (m=%d bits, degree %d, threshold %d)",
-            server_round, group.task, len(group.state.survivors), group.params.modulus_bits,
-            group.params.degree, group.params.threshold)  # fmt: skip
     fed.state = aggregation.apply(total, fed.state)
     lap("reconstruct+decode")
     stats.update(
@@ -229,3 +260,33 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
         }
     )
     return stats
+
+
+def _finish_group(fed: Federation, group: Group, server_round: int, total: aggregation.SumState) -> bool:
+    """Unmask, decode and check one group's sum; fold it into `total` or log why not (the global
+    model of that task then stays as it was)."""
+    state = group.state
+    try:
+        vector = state.finish()
+        decoded = decode_total(vector, fed.task_shapes(group.task), group.params)
+        weight = check_plausible_sum(decoded, fed.task_shapes(group.task), group.params, len(state.survivors))
+    except SecAggAbort as exc:
+        blame = f" (nodes at fault: {group.nodes_named(exc.blame)})" if exc.blame else ""
+        log(WARNING, "fedge: round %d: %s update aborted, global %s model unchanged: %s%s",
+            server_round, group.task, group.task, exc, blame)  # fmt: skip
+        return False
+    finally:
+        for pid, what in sorted(state.blamed.items()):
+            log(
+                WARNING,
+                "fedge: round %d %s: node %d %s",
+                server_round,
+                group.task,
+                group.node_of.get(pid, -1),
+                what,
+            )
+    aggregation.add(total, {f"{group.task}/{k}": v for k, v in decoded.items()})
+    log(INFO, "fedge: round %d %s: secure sum of %d devices (m=%d bits, degree %d, threshold %d, weight %g)",
+        server_round, group.task, len(state.survivors), group.params.modulus_bits, group.params.degree,
+        group.params.threshold, weight)  # fmt: skip
+    return True

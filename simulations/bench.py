@@ -60,9 +60,11 @@ def overhead(seed: int, console: Console, simulate_scenario: Simulate) -> float:
     return ratio
 
 
-def _alternating(out: Path) -> tuple[float, float, dict[str, float]]:
+def _alternating(out: Path) -> tuple[float, float, dict[str, float], float]:
     """Mean train-phase seconds of the plain (odd, from 3) and secure (even) rounds of one run,
-    and the secure rounds' stage split. Round 1 pays actor start and imports: left out."""
+    the secure rounds' stage split, and the secure/plain upload bytes per participating device
+    (secure: the packed masked vector plus sealed shares; plain: the float32 contribution).
+    Round 1 pays actor start and imports: left out of the times."""
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     plain = [r["train_wall_seconds"] for r in rounds if r["round"] >= 3 and r["round"] % 2 == 1]
     secure = [r for r in rounds if r["round"] >= 2 and r["round"] % 2 == 0]
@@ -70,7 +72,20 @@ def _alternating(out: Path) -> tuple[float, float, dict[str, float]]:
     for r in secure:
         for stage, s in r.get("secagg_stage_seconds", {}).items():
             stages[stage] = stages.get(stage, 0.0) + s / len(secure)
-    return sum(plain) / len(plain), sum(r["train_wall_seconds"] for r in secure) / len(secure), stages
+
+    def per_device(rs: list[dict]) -> float:
+        return sum(r["upload_bytes"] for r in rs) / max(1, sum(sum(r["participants"].values()) for r in rs))
+
+    trained = [r for r in rounds if r["round"] >= 1]
+    upload_ratio = per_device([r for r in trained if r["round"] % 2 == 0]) / per_device(
+        [r for r in trained if r["round"] % 2 == 1]
+    )
+    return (
+        sum(plain) / len(plain),
+        sum(r["train_wall_seconds"] for r in secure) / len(secure),
+        stages,
+        upload_ratio,
+    )
 
 
 def _legacy(scenario: str, secure: bool, seed: int, size: int, tmp: Path) -> float:
@@ -104,8 +119,8 @@ def secagg(
     so both modes see the same machine conditions; every device of the fleet trains each round
     (the default local work: 10 MiniLM steps on a phone or TV, 30 on a watch); round 1 (actor
     start, imports) is left out; rounds 2-5 give two of each. Flower's legacy path: one run per
-    mode, round 2. Prints a table; the last line is fedge's secure/plain ratio at the largest
-    size.
+    mode, round 2. Prints a table, then the secure/plain upload bytes per device; the last line
+    is fedge's secure/plain round-time ratio at the largest size.
     """
     from rich.table import Table
 
@@ -117,9 +132,13 @@ def secagg(
             scenario = scenarios[size]
             sets = {"bench-alternate": True, "device-clock": False, "federated-eval-every": -1}
             out = simulate_scenario(scenario, 5, seed, tmp / scenario, sets, quiet=True)
-            plain, secure, stages = _alternating(out)
+            plain, secure, stages, upload_ratio = _alternating(out)
             console.print(f"{size} devices/round, fedge: plain {plain:.2f}s, secure {secure:.2f}s")
-            row = {"size": size, "plain": plain, "secure": secure, "ratio": secure / plain, "stages": stages}
+            console.print(
+                f"{size} devices/round, fedge secure/plain upload bytes per device: {upload_ratio:.3f}"
+            )
+            row = {"size": size, "plain": plain, "secure": secure, "ratio": secure / plain, "stages": stages,
+                   "upload_ratio": upload_ratio}  # fmt: skip
             if legacy:
                 for secure in (False, True):
                     key = "legacy_secure" if secure else "legacy_plain"
@@ -128,8 +147,8 @@ def secagg(
                 row["legacy_ratio"] = row["legacy_secure"] / row["legacy_plain"]
             rows.append(row)
     table = Table(title="secure aggregation cost per round (train phase of round 2, seconds)")
-    for col in ("devices/round", "fedge plain", "fedge secure", "ratio", "stages (secure)", "Flower plain",
-                "Flower SecAgg+", "Flower ratio"):  # fmt: skip
+    for col in ("devices/round", "fedge plain", "fedge secure", "ratio", "upload ratio", "stages (secure)",
+                "Flower plain", "Flower SecAgg+", "Flower ratio"):  # fmt: skip
         table.add_column(col)
     fmt = "{:.2f}".format
     for row in rows:
@@ -140,9 +159,11 @@ def secagg(
             else ["-", "-", "-"]
         )
         table.add_row(str(row["size"]), fmt(row["plain"]), fmt(row["secure"]), fmt(row["ratio"]) + "x",
-                      stage_text, *legacy_cells)  # fmt: skip
+                      fmt(row["upload_ratio"]) + "x", stage_text, *legacy_cells)  # fmt: skip
     console.print(table)
     last = rows[-1]
+    size_text = f"{last['size']} devices/round"
+    console.print(f"fedge secure/plain upload bytes per device at {size_text}: {last['upload_ratio']:.3f}")
     console.print(f"fedge secure/plain ratio at {last['size']} devices/round: {last['ratio']:.2f}")
     return last["ratio"]
 

@@ -8,6 +8,10 @@ the protocol over Flower's Message API.
 - `graph`: the sparse random neighbour graph and its degree/threshold recommendations.
 - `envelope`: AES-GCM sealing of share bundles, bound to run, round, sender and receiver.
 - `context`: injective encodings of those contexts.
+- `packing`: masked vectors packed to exactly m bits per coordinate for upload.
+- `pki`: certified Ed25519 device keys (an operator CA) against a malicious server.
+- `protocol`: one round as pure device and server steps, with every device-side check.
+- `vector`: a device's contribution as one fixed-point vector; plausibility of a decoded sum.
 Every primitive comes from `cryptography`; randomness from `secrets` / os.urandom only.
 """
 
@@ -15,6 +19,7 @@ from .context import pack_fields, round_context, share_aad
 from .envelope import TamperedShareError, open_, seal
 from .graph import neighbours, recommended_degree, recommended_threshold
 from .masking import MaskedVectorError, agree, check_masked_vector, mask_vector, masked_input, unmask_sum
+from .packing import PackedVectorError, pack_residues, packed_size, unpack_residues
 from .quantize import (
     decode_signed,
     decode_sum,
@@ -28,6 +33,7 @@ from .shamir import combine, split
 
 __all__ = [
     "MaskedVectorError",
+    "PackedVectorError",
     "TamperedShareError",
     "agree",
     "check_masked_vector",
@@ -42,6 +48,8 @@ __all__ = [
     "neighbours",
     "open_",
     "pack_fields",
+    "pack_residues",
+    "packed_size",
     "quantization_error_bound",
     "recommended_degree",
     "recommended_threshold",
@@ -51,4 +59,5 @@ __all__ = [
     "share_aad",
     "split",
     "unmask_sum",
+    "unpack_residues",
 ]

@@ -2,11 +2,13 @@
 
 In SecAgg (Bonawitz et al., CCS 2017, round "ShareKeys") and SecAgg+ (Bell et al., CCS 2020),
 a client's shares travel to its neighbours through the server, encrypted under a key the two
-clients agreed by X25519 (`masking.agree` with an encryption-stage context: a 256-bit key). The server must
-neither read them (it would reconstruct both the self-mask seed and the masking key of a client)
-nor tamper with, redirect or replay them. AES-GCM gives confidentiality and integrity; the
-associated data binds run id, round, sender and receiver (`context.share_aad`), so a bundle
-replayed from another round or run, or delivered to the wrong client, fails authentication.
+clients agreed by X25519 (`masking.agree` with an encryption-stage context: a 256-bit key). The
+server must neither read them (with t of them it would rebuild a device's self-mask seed) nor
+tamper with, redirect or replay them. AES-GCM gives confidentiality and integrity; the
+associated data binds run id, round, sender and receiver (`context.share_aad`). The pairwise key
+is symmetric, so the associated data is what stops a share u sealed for v from being handed back
+to u as if v had sent it (u would then open and reveal shares of its own seed); a bundle
+replayed from another round or run also fails (its key's context differs too).
 
 Format: 12-byte random nonce || ciphertext || 16-byte tag. The nonce comes from os.urandom:
 with a 96-bit random nonce, collisions under one key are negligible for the handful of messages

@@ -23,9 +23,11 @@ fraction). Each client's secrets are shared t-out-of-k among its neighbours.
   floor(k/2) consecutive positions are all dropped or corrupt, probability <= C(n,2) rho^(2 floor(k/2)),
   rho = delta + gamma.
 - Completion needs at least t surviving neighbours per client (smaller t, larger k help).
-- t > k/2 (the default fraction 1/2) also holds if the server lies about who dropped: each honest
-  neighbour reveals a share of either the self-mask seed or the key of a client, never both, so
-  the server cannot collect t shares of both.
+- Against a server that lies about who dropped, t > k/2 is necessary but not sufficient by itself:
+  the device-side checks of `protocol.check_survivors` (a device reveals only if it is itself a
+  survivor and at least t of its own neighbours are) bound what one device reveals to k - t < t
+  pairwise seeds, and the consistency check under certified keys (`pki`) stops inconsistent
+  survivor lists; docs/secure-aggregation.md states what holds with and without it.
 Larger k costs O(k) key agreements, shares and mask expansions per client.
 """
 

@@ -8,9 +8,9 @@ a sparse graph as in SecAgg+ (Bell et al., CCS 2020). Client u uploads, mod 2^m,
 where b_u is a fresh self-mask seed and s_uv = s_vu is agreed by X25519 between u and v. In the
 sum over the survivors the pairwise masks between survivors cancel; the server then removes the
 survivors' self masks (b_u reconstructed from Shamir shares) and the pairwise masks survivors
-shared with dropped clients (s_uv recomputed from the dropped client's reconstructed key).
-The self mask is what keeps a slow client's input hidden if the server has already recovered
-its pairwise masks by declaring it dropped.
+shared with dropped clients (s_uv revealed by the surviving client itself: fedge's protocol
+shares no mask keys, see `protocol`). The self mask is what keeps a slow client's input hidden
+if the server has obtained its pairwise seeds by declaring it dropped.
 
 Mask generator: HKDF-SHA256(seed, info=context) -> 256-bit ChaCha20 key, keystream read as
 little-endian uint64. ChaCha20 is constant-time and fast in software on phones and boards

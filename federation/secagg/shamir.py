@@ -1,11 +1,12 @@
 """Shamir t-out-of-n secret sharing of byte strings over the prime field GF(2**521 - 1).
 
 Secure aggregation uses it for dropout recovery (Bonawitz et al., "Practical Secure
-Aggregation for Privacy-Preserving Machine Learning", CCS 2017, §4): every client shares its
-self-mask seed and its masking private key among its neighbours (all clients in SecAgg, a sparse
-graph in SecAgg+, Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic
-Overhead", CCS 2020). Any `threshold` surviving neighbours can reconstruct either secret; fewer
-learn nothing about it (information-theoretically).
+Aggregation for Privacy-Preserving Machine Learning", CCS 2017, §4; Bell et al., "Secure
+Single-Server Aggregation with (Poly)Logarithmic Overhead", CCS 2020). In fedge's protocol a
+device shares only its self-mask seed among its neighbours (Bonawitz's protocol also shares the
+masking private key; fedge instead has survivors reveal their pairwise seeds with vanished
+neighbours, see `protocol`). Any `threshold` neighbours can reconstruct the seed; fewer learn
+nothing about it (information-theoretically).
 
 Field choice: p = 2**521 - 1, the Mersenne prime M521.
 - A 32-byte key or seed (the common case) is a single field element: no chunking in the hot path.

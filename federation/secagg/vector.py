@@ -4,6 +4,7 @@ Layout: the keys of `aggregation.expected_shapes(shapes)` in sorted order, flatt
 (deltas of LoRA B and heads) are clipped, stochastically rounded and multiplied by the device's
 integer weight (its examples) inside the encoding; the weights themselves (`KEY#weight`) are
 exact integers. So the server learns sum_k w_k x_k and sum_k w_k, never a device's weight.
+`check_plausible_sum` then checks what every honest sum satisfies (hostile devices).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from federation.aggregation import WEIGHT, contribution, expected_shapes
-from federation.secagg.protocol import Params
+from federation.secagg.protocol import Params, SecAggAbort
 from federation.secagg.quantize import decode_signed, decode_sum, encode, encode_integers
 
 
@@ -64,3 +65,62 @@ def decode_total(
         else:
             out[key] = decode_sum(chunk, params.clip, params.value_bits, params.modulus_bits).reshape(shape)
     return out
+
+
+class ImplausibleSumError(SecAggAbort):
+    """The decoded sum is not one that honest devices can produce: a device lied in its input."""
+
+
+def check_plausible_sum(
+    decoded: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], params: Params, devices: int
+) -> float:
+    """What every sum of `devices` honest contributions satisfies; raise ImplausibleSumError, naming
+    the check, when this one does not. Returns the total weight W.
+
+    Honest device k contributes weight w_k in 1..max_weight to every head key and to the first
+    r_k >= 1 columns of every LoRA B, and w_k * q with |q| <= clip * scale to each coordinate
+    (clipping happens before rounding, so the bound is exact). Hence:
+    - weights: every head weight and column 0 of every B equal W; B's column weights never
+      increase along the columns and stay in [0, W];
+    - total: devices <= W <= devices * max_weight;
+    - values: |sum| <= clip * (the weight behind that entry), coordinate by coordinate.
+    Without proofs of bounded input (ACORN, Bell et al., USENIX Security 2023; RoFL, Lycklama
+    et al., S&P 2023) a device can still send any vector that keeps the *sum* within these
+    bounds: these checks catch garbage (huge values, negative or inflated weights, a bogus
+    revealed seed), not a careful poisoner (docs/secure-aggregation.md, "Hostile devices").
+    """
+    head_weights: dict[str, float] = {}
+    column_weights: dict[str, np.ndarray] = {}
+    for key in shapes:
+        w = np.asarray(decoded[key + WEIGHT], dtype=np.float64).ravel()
+        if ".lora_B." in key:
+            column_weights[key] = w
+        else:
+            head_weights[key] = float(w[0])
+    firsts = set(head_weights.values()) | {float(w[0]) for w in column_weights.values()}
+    if len(firsts) != 1:
+        raise ImplausibleSumError(
+            f"weights inconsistent across keys (weights-consistent): {sorted(firsts)[:4]}"
+        )
+    total = firsts.pop()
+    if not devices <= total <= devices * params.max_weight:
+        raise ImplausibleSumError(
+            f"total weight {total:g} outside [{devices}, {devices * params.max_weight}] for {devices} "
+            "devices (weight-range)"
+        )
+    for key, w in column_weights.items():
+        if np.any(w < 0) or np.any(w > total) or np.any(np.diff(w) > 0):
+            raise ImplausibleSumError(f"{key}: column weights are not a non-increasing profile in [0, W]")
+    slack = 1.0 + 1e-9  # float64 rounding of the decode, nothing more: the bound itself is exact
+    for key in shapes:
+        value = np.abs(np.asarray(decoded[key], dtype=np.float64))
+        if key in column_weights:
+            limit = params.clip * column_weights[key].reshape((1, -1) + (1,) * (value.ndim - 2))
+        else:
+            limit = np.float64(params.clip * total)
+        if np.any(value > limit * slack):
+            worst = float(np.max(value - limit))
+            raise ImplausibleSumError(
+                f"{key}: a coordinate exceeds clip x its weight by {worst:.3g} (value-bound)"
+            )
+    return total

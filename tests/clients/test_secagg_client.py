@@ -25,7 +25,17 @@ from federation.fleet import device_from_node_config, load_device_data
 from federation.model.edge import initial_state, task_slice
 from federation.scenarios import fleet_order, get_scenario
 from federation.secagg import quantization_error_bound
-from federation.secagg.protocol import Params, Reveal, ServerRound, device_keys, member_ids, plan
+from federation.secagg.packing import packed_size, unpack_residues
+from federation.secagg.protocol import (
+    Expected,
+    ParameterError,
+    Params,
+    Reveal,
+    ServerRound,
+    device_keys,
+    member_ids,
+    plan,
+)
 from federation.secagg.vector import decode_total, vector_length
 from server.secagg import KEYS, MASK, UNMASK, _message
 
@@ -68,7 +78,19 @@ def _plan(run: RunConfig, shapes: dict[str, tuple[int, ...]], n: int, server_rou
         vector_length(shapes),
         clip=run.secagg_clip,
         value_bits=run.secagg_value_bits,
-        max_weight=int(run.max_weight),
+        max_weight=run.task_max_weight(TASK),
+    )
+
+
+def _expected(run: RunConfig) -> Expected:
+    """What the device derives from its own run config (clients/secagg.py: _expected)."""
+    return Expected(
+        RUN_ID % 2**63,
+        TASK,
+        run.secagg_clip,
+        run.secagg_value_bits,
+        run.task_max_weight(TASK),
+        run.secagg_min_devices,
     )
 
 
@@ -89,14 +111,11 @@ def _mask_message(node: int, params: Params, peers: dict[int, tuple[bytes, bytes
     return _message(node, MASK, config)
 
 
-def _unmask_message(
-    node: int, params: Params, survivors: list[int], vanished: list[int], sealed: dict[int, bytes]
-) -> Message:
+def _unmask_message(node: int, params: Params, survivors: list[int], sealed: dict[int, bytes]) -> Message:
     config = {
         **params.to_config(),
         "server-round": params.server_round,
         "survivors": survivors,
-        "vanished": vanished,
         "from": list(sealed),
         "sealed": list(sealed.values()),
     }
@@ -173,16 +192,17 @@ def secure_round(app, run: RunConfig, global_state: dict[str, np.ndarray]) -> Se
         mask_replies[node] = reply
         shares = reply.content["shares"]
         sealed = {int(j): bytes(ct) for j, ct in zip(shares["to"], shares["sealed"], strict=True)}
-        server.add_masked(pid, sealed, reply.content["masked"]["y"].numpy())
+        packed = reply.content["masked"]["y"].numpy()
+        server.add_masked(pid, sealed, unpack_residues(packed, params.modulus_bits, params.length))
         after_mask[node] = set(contexts[node].state.keys())
 
     # Step 3: who survived; survivors reveal.
-    survivors, vanished = sorted(server.survivors), sorted(server.vanished())
-    assert survivors == [1, 2, 3] and vanished == []
+    survivors = sorted(server.survivors)
+    assert survivors == [1, 2, 3] and server.vanished() == set()
     unmask_replies = {}
     for pid in survivors:
         node = node_of[pid]
-        msg = _unmask_message(node, params, survivors, vanished, server.sealed_for(pid))
+        msg = _unmask_message(node, params, survivors, server.sealed_for(pid))
         reply = app(msg, contexts[node])
         assert not reply.has_error()
         unmask_replies[node] = reply
@@ -214,7 +234,7 @@ def test_keys_reply_holds_only_public_keys_and_metrics(secure_round: SecureRound
     assert len(set(c_keys)) == len(c_keys)  # fresh keys per device
 
 
-def test_mask_reply_is_one_masked_vector_and_sealed_shares(secure_round: SecureRound) -> None:
+def test_mask_reply_is_one_packed_masked_vector_and_sealed_shares(secure_round: SecureRound) -> None:
     params = secure_round.params
     for node, reply in secure_round.mask_replies.items():
         content = reply.content
@@ -222,21 +242,36 @@ def test_mask_reply_is_one_masked_vector_and_sealed_shares(secure_round: SecureR
         assert set(content.array_records) == {"masked"}
         masked = content["masked"]
         assert list(masked.keys()) == ["y"]
-        y = masked["y"].numpy()
-        assert y.dtype == np.uint64 and y.shape == (params.length,)
-        assert int(y.max()) < 2**params.modulus_bits
+        packed = masked["y"].numpy()
+        # exactly m bits per coordinate on the wire, not a 64-bit word
+        assert packed.dtype == np.uint8 and packed.size == packed_size(params.length, params.modulus_bits)
+        y = unpack_residues(packed, params.modulus_bits, params.length)
         x = secure_round.encoded[node]
         assert np.mean(y == x) < 0.01  # the masked vector is not the input
         shares = content["shares"]
         assert isinstance(shares, ConfigRecord) and set(shares.keys()) == {"to", "sealed"}
         me = secure_round.ids[node]
         assert sorted(shares["to"]) == sorted(set(secure_round.ids.values()) - {me})
-        for blob in shares["sealed"]:
-            # AES-GCM: 12-byte nonce || ciphertext || 16-byte tag; the seed b is not in the clear
-            assert isinstance(blob, bytes) and len(blob) > 12 + 16
-            assert secure_round.self_seeds[node] not in blob
         assert set(content["metrics"].keys()) == {"server-round"}
         assert content["metrics"]["server-round"] == SERVER_ROUND
+
+
+def test_shares_travel_encrypted(secure_round: SecureRound) -> None:
+    """Each Shamir share, as its receiver opened and revealed it in the last step, appears in
+    none of the bytes the server relayed in the mask step: a share sent in plaintext (or merely
+    wrapped) would be found in its blob."""
+    opened = {}  # (sender, receiver) -> the share the receiver opened
+    for node, reply in secure_round.unmask_replies.items():
+        record = reply.content["reveal"]
+        for owner, share in zip(record["share-owners"], record["shares"], strict=True):
+            opened[(int(owner), secure_round.ids[node])] = bytes(share)
+    assert len(opened) == 6  # 3 devices, 2 neighbours each
+    for node, reply in secure_round.mask_replies.items():
+        me, shares = secure_round.ids[node], reply.content["shares"]
+        for receiver, blob in zip(shares["to"], shares["sealed"], strict=True):
+            plain = opened[(me, int(receiver))]
+            assert len(plain) >= 4 + 66  # a real share: length header + one field element
+            assert plain not in bytes(blob) and plain[4:20] not in bytes(blob)
 
 
 def test_secure_sum_is_exactly_the_devices_encoded_sum(secure_round: SecureRound) -> None:
@@ -314,7 +349,7 @@ def test_messages_from_another_round_or_run_are_refused(
     reply = app(_keys_message(ctx.node_id, params, 1, _arrays(global_state)), ctx)
     assert not reply.has_error()
     # the two other members, played here by the protocol functions themselves
-    others = {i: device_keys(params, i) for i in (2, 3)}
+    others = {i: device_keys(params, i, _expected(run)) for i in (2, 3)}
     peers = {i: (c_pk, s_pk) for i, (_, c_pk, s_pk) in others.items()}
 
     next_round = dataclasses.replace(params, server_round=SERVER_ROUND + 1)
@@ -332,10 +367,40 @@ def test_messages_from_another_round_or_run_are_refused(
     assert not reply.has_error()
     for stale, why in ((next_round, "does not belong"), (other_run, "message for run")):
         with pytest.raises(ValueError, match=why):
-            app(_unmask_message(ctx.node_id, stale, [1, 2, 3], [], {}), ctx)
+            app(_unmask_message(ctx.node_id, stale, [1, 2, 3], {}), ctx)
     assert SESSION in ctx.state
-    reply = app(_unmask_message(ctx.node_id, params, [1, 2, 3], [], {}), ctx)
+    # a lying server: fake ids, or "all your neighbours vanished" (issue attack 1)
+    for lie, why in (([1, 98, 99], "not members of this group"), ([1], "below the threshold")):
+        with pytest.raises(ParameterError, match=why):
+            app(_unmask_message(ctx.node_id, params, lie, {}), ctx)
+    assert SESSION in ctx.state  # refused, nothing revealed, still able to answer the truth
+    reply = app(_unmask_message(ctx.node_id, params, [1, 2, 3], {}), ctx)
     assert not reply.has_error() and SESSION not in ctx.state
+    assert list(reply.content["reveal"]["pair-ids"]) == []
+    with pytest.raises(ParameterError, match="no secure-aggregation session"):  # and never twice
+        app(_unmask_message(ctx.node_id, params, [1, 2], {}), ctx)
+
+
+def test_downgraded_parameters_are_refused_before_training(
+    app, run: RunConfig, global_state: dict[str, np.ndarray]
+) -> None:
+    from clients.secagg import ENCODED, SESSION
+
+    ctx = _context(PARTITIONS[2])
+    shapes = {k: tuple(v.shape) for k, v in task_slice(global_state, TASK).items()}
+    params = _plan(run, shapes, 4)
+    for change, why in (
+        ({"threshold": 1}, "threshold 1 is outside"),
+        ({"n": 2, "degree": 1, "threshold": 1}, "below secagg-min-devices"),
+        ({"modulus_bits": 63}, "no-wrap modulus"),
+        ({"max_weight": 10**6}, "differ from this device's"),
+    ):
+        bad = dataclasses.replace(params, **change)  # type: ignore[arg-type]
+        with pytest.raises(ParameterError, match=why):
+            app(_keys_message(ctx.node_id, bad, 1, _arrays(global_state)), ctx)
+        assert SESSION not in ctx.state and ENCODED not in ctx.state  # no keys drawn, nothing trained
+    reply = app(_keys_message(ctx.node_id, params, 1, _arrays(global_state)), ctx)
+    assert not reply.has_error() and SESSION in ctx.state
 
 
 def test_simulated_dropout_after_keys(app, run: RunConfig, global_state: dict[str, np.ndarray]) -> None:
@@ -346,7 +411,7 @@ def test_simulated_dropout_after_keys(app, run: RunConfig, global_state: dict[st
     params = _plan(run, shapes, 3)
     reply = app(_keys_message(ctx.node_id, params, 2, _arrays(global_state)), ctx)
     assert not reply.has_error() and set(reply.content["keys"].keys()) == {"c-pk", "s-pk"}
-    peers = {i: device_keys(params, i)[1:] for i in (1, 3)}
+    peers = {i: device_keys(params, i, _expected(run))[1:] for i in (1, 3)}
     with pytest.raises(RuntimeError, match="simulated dropout"):
         app(_mask_message(ctx.node_id, params, peers), ctx)
     assert SESSION not in ctx.state and ENCODED not in ctx.state  # a vanished device keeps nothing

@@ -13,26 +13,40 @@ both masked and summed in plaintext for the reference: the secure sum must equal
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from federation import aggregation
-from federation.secagg import MaskedVectorError, quantization_error_bound
+from federation.secagg import MaskedVectorError, pki, quantization_error_bound
+from federation.secagg.masking import unmask_sum
 from federation.secagg.protocol import (
     DeviceSession,
+    Expected,
+    ParameterError,
     Params,
     Reveal,
     SecAggAbort,
     ServerRound,
+    check_peer_keys,
+    device_endorse,
     device_keys,
     device_mask,
     device_unmask,
     plan,
 )
-from federation.secagg.quantize import decode_signed
-from federation.secagg.vector import decode_total, encode_update, vector_length
+from federation.secagg.quantize import decode_signed, encode_integers
+from federation.secagg.shamir import combine, split
+from federation.secagg.vector import (
+    ImplausibleSumError,
+    check_plausible_sum,
+    decode_total,
+    encode_update,
+    vector_length,
+)
 
 # A phone-style attention B, sensor-style conv/proj Bs, and a classification head.
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -47,6 +61,12 @@ SHAPES: dict[str, tuple[int, ...]] = {
 }
 CLIP, VALUE_BITS, MAX_WEIGHT = 1.0, 24, 100_000  # the run config's defaults
 RUN_ID, ROUND, GROUP = 0x5EC_A66, 3, "sensor"
+
+
+def expected_for(params: Params) -> Expected:
+    """What a device of this test's run knows without the server (its own run config)."""
+    dropout = 0.05 if params.degree < params.n - 1 else 0.3  # the sparse-graph tests plan for 5%
+    return Expected(RUN_ID, GROUP, CLIP, VALUE_BITS, MAX_WEIGHT, min_devices=3, dropout_rate=dropout)
 
 
 # ---------------------------------------------------------------------------------------- harness
@@ -97,6 +117,7 @@ class Round:
     sessions: dict[int, DeviceSession] = field(default_factory=dict)
     peers: dict[int, dict[int, tuple[bytes, bytes]]] = field(default_factory=dict)  # device-side copy
     reveals: dict[int, Reveal] = field(default_factory=dict)
+    replies: dict[int, tuple[dict[int, bytes], np.ndarray]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, n: int, seed: int, params: Params | None = None) -> Round:
@@ -107,7 +128,7 @@ class Round:
 
     def keys(self, ids: list[int] | None = None) -> None:
         for i in ids or list(self.inputs):
-            session, c_pk, s_pk = device_keys(self.params, i)
+            session, c_pk, s_pk = device_keys(self.params, i, expected_for(self.params))
             self.sessions[i] = session
             self.server.add_keys(i, c_pk, s_pk)
 
@@ -119,13 +140,14 @@ class Round:
             replies[i] = device_mask(self.sessions[i], self.params, self.peers[i], self.inputs[i].encoded)
         for i, (sealed, masked) in replies.items():
             self.server.add_masked(i, sealed, masked)
+        self.replies.update(replies)
         return replies
 
     def unmask(self, ids: list[int] | None = None) -> None:
-        survivors, vanished = sorted(self.server.survivors), sorted(self.server.vanished())
+        survivors = sorted(self.server.survivors)
         for i in ids if ids is not None else survivors:
             reveal = device_unmask(
-                self.sessions[i], self.params, survivors, vanished, self.server.sealed_for(i), self.peers[i]
+                self.sessions[i], self.params, survivors, self.server.sealed_for(i), self.peers[i]
             )
             # an honest device never reveals both secrets of one neighbour
             assert not set(reveal.self_seed_shares) & set(reveal.pair_seeds)
@@ -295,9 +317,9 @@ def test_too_few_survivors_aborts_with_no_result() -> None:
     t = r.params.threshold
     survivors = list(range(1, t))  # t - 1 masked vectors arrive
     r.mask(survivors)
-    with pytest.raises(SecAggAbort, match="below the threshold"):
+    with pytest.raises(ParameterError, match="below the threshold"):
         r.unmask()  # honest devices refuse to reveal anything for so few survivors
-    assert r.reveals == {} and r.server.shares == {} and r.server.pair_seeds == []
+    assert r.reveals == {} and r.server.shares == {} and r.server.pair_seeds == {}
     with pytest.raises(SecAggAbort, match="threshold"):
         r.server.finish()
 
@@ -381,39 +403,65 @@ def test_tampered_share_is_named_and_the_round_completes() -> None:
     np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
 
 
-def test_shares_from_another_round_or_run_do_not_open() -> None:
+def test_a_session_refuses_messages_of_another_round_or_run() -> None:
     r = Round.start(6, seed=11)
     r.keys()
     r.mask()
     receiver = 1
     sealed = r.server.sealed_for(receiver)
-    survivors, vanished = sorted(r.server.survivors), []
+    survivors = sorted(r.server.survivors)
+    for change in ({"server_round": ROUND + 1}, {"run_id": RUN_ID + 1}, {"group": "phone"}):
+        other = dataclasses.replace(r.params, **change)  # type: ignore[arg-type]
+        with pytest.raises(ParameterError, match="does not belong to this device's round"):
+            device_unmask(r.sessions[receiver], other, survivors, sealed, r.peers[receiver])
+        with pytest.raises(ParameterError, match="does not belong to this device's round"):
+            device_mask(r.sessions[receiver], other, r.peers[receiver], r.inputs[receiver].encoded)
+    # the refusals consumed nothing: the right round still opens every share
+    reveal = device_unmask(r.sessions[receiver], r.params, survivors, sealed, r.peers[receiver])
+    assert reveal.tampered == [] and set(reveal.self_seed_shares) == set(sealed)
+
+
+def test_share_keys_are_bound_to_run_and_round() -> None:
+    """The share key's HKDF context holds run and round: a device that reused its X25519 keys
+    in another round (Flamingo-style setup-once) still could not open this round's shares."""
+    r = Round.start(6, seed=11)
+    r.keys()
+    r.mask()
+    receiver = 1
+    sealed = r.server.sealed_for(receiver)
+    survivors = sorted(r.server.survivors)
     for change in ({"server_round": ROUND + 1}, {"run_id": RUN_ID + 1}):
         other = dataclasses.replace(r.params, **change)  # type: ignore[arg-type]
-        # The session is bound to its round's parameters: the device refuses outright...
-        with pytest.raises(ValueError, match="does not belong to this device's round"):
-            device_unmask(r.sessions[receiver], other, survivors, vanished, sealed, r.peers[receiver])
-        with pytest.raises(ValueError, match="does not belong to this device's round"):
-            device_mask(r.sessions[receiver], other, r.peers[receiver], r.inputs[receiver].encoded)
-        # ...and even a device reusing its keys in that round (Flamingo-style) cannot open them:
-        # the share key and the AES-GCM associated data both bind run and round.
         reused = dataclasses.replace(r.sessions[receiver], params_digest=other.digest())
-        reveal = device_unmask(reused, other, survivors, vanished, sealed, r.peers[receiver])
+        reveal = device_unmask(reused, other, survivors, sealed, r.peers[receiver])
         assert reveal.tampered == sorted(sealed) and reveal.self_seed_shares == {}
-    # in the right round they open fine
-    reveal = device_unmask(r.sessions[receiver], r.params, survivors, vanished, sealed, r.peers[receiver])
-    assert reveal.tampered == [] and set(reveal.self_seed_shares) == set(sealed)
 
 
 def test_share_redirected_to_another_receiver_does_not_open() -> None:
     r = Round.start(6, seed=12)
     r.keys()
     r.mask()
-    # the server swaps what 5 sent to 1 and what 5 sent to 2
+    # the server swaps what 5 sent to 1 and what 5 sent to 2 (different pairwise keys)
     r.server.sealed[1][5], r.server.sealed[2][5] = r.server.sealed[2][5], r.server.sealed[1][5]
     r.unmask()
     assert r.reveals[1].tampered == [5] and r.reveals[2].tampered == [5]
     np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+
+
+def test_a_share_reflected_to_its_sender_does_not_open() -> None:
+    """The pairwise key of u and v is symmetric, so only the associated data (sender, receiver)
+    tells the share u sealed for v from one v sealed for u. A server that hands u back the shares
+    u dealt, as if its neighbours had sent them, would otherwise get u to open and reveal t
+    shares of its own self-mask seed."""
+    r = Round.start(6, seed=16)
+    r.keys()
+    r.mask()
+    victim = 2
+    reflected = {j: r.server.sealed[j][victim] for j in r.peers[victim]}  # what 2 sealed for each j
+    reveal = device_unmask(
+        r.sessions[victim], r.params, sorted(r.server.survivors), reflected, r.peers[victim]
+    )
+    assert reveal.tampered == sorted(reflected) and reveal.self_seed_shares == {}
 
 
 # -------------------------------------------------------------------------- bad masked vectors
@@ -483,15 +531,472 @@ def test_a_second_masked_vector_or_one_without_keys_is_refused() -> None:
     np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
 
 
-def test_device_refuses_to_reveal_for_a_node_both_survivor_and_vanished() -> None:
+def test_device_never_reveals_twice_in_a_round() -> None:
     r = Round.start(6, seed=15)
     r.keys()
     r.mask()
     survivors = sorted(r.server.survivors)
-    # a lying server claims device 2 vanished while listing it as a survivor: revealing both its
-    # self-mask share and its pairwise seed would let the server strip all of 2's masks
-    with pytest.raises(ValueError, match="both a survivor and vanished"):
-        device_unmask(r.sessions[1], r.params, survivors, [2], r.server.sealed_for(1), r.peers[1])
-    # refusing reveals nothing and leaves the device able to answer an honest request
-    reveal = device_unmask(r.sessions[1], r.params, survivors, [], r.server.sealed_for(1), r.peers[1])
-    assert set(reveal.self_seed_shares) == set(survivors) - {1} and reveal.pair_seeds == {}
+    first = device_unmask(r.sessions[1], r.params, survivors, r.server.sealed_for(1), r.peers[1])
+    assert set(first.self_seed_shares) == set(survivors) - {1} and first.pair_seeds == {}
+    # asked again with 2 "vanished", it would add its pairwise seed with 2 to 2's seed share
+    with pytest.raises(ParameterError, match="already revealed"):
+        device_unmask(r.sessions[1], r.params, [i for i in survivors if i != 2], {}, r.peers[1])
+
+
+# ============================================================================ a lying server
+# The server is played by the test itself: it builds whatever lists it likes, sends them to the
+# real device steps, and keeps every reveal (it does not filter them as `ServerRound` does).
+
+
+def _reveals_under(r: Round, lists: dict[int, list[int]]) -> tuple[dict[int, Reveal], dict[int, str]]:
+    """Show device i the survivor list lists[i]; keep what each reveals or why it refused."""
+    reveals, refusals = {}, {}
+    for i, survivors in lists.items():
+        sealed = {j: r.server.sealed[i][j] for j in r.server.sealed.get(i, {})}
+        try:
+            reveals[i] = device_unmask(r.sessions[i], r.params, survivors, sealed, r.peers[i])
+        except ParameterError as exc:
+            refusals[i] = str(exc)
+    return reveals, refusals
+
+
+def _exposed(r: Round, reveals: dict[int, Reveal], u: int) -> bool:
+    """Whether the reveals hand over u's self-mask seed AND every pairwise seed of u's vector."""
+    shares = {h: rv.self_seed_shares[u] for h, rv in reveals.items() if u in rv.self_seed_shares}
+    if len(shares) < r.params.threshold or combine(shares, r.params.threshold) != r.sessions[u].self_seed:
+        return False
+    return all(
+        v in reveals.get(u, Reveal()).pair_seeds or u in reveals.get(v, Reveal()).pair_seeds
+        for v in r.peers[u]
+    )
+
+
+def test_attack_fake_ids_and_all_neighbours_vanished_is_refused() -> None:
+    """Issue attack 1: tell the target 'survivors = [you, two ids that do not exist]' (all its
+    neighbours vanished) and everyone else the truth."""
+    r = Round.start(10, seed=20)
+    r.keys()
+    r.mask()
+    target, honest = 1, sorted(r.server.survivors)
+    for lie, why in (
+        ([target, 98, 99], "not members of this group"),
+        ([target], "only 0 of this device's 9"),
+    ):
+        lists = {i: honest for i in honest} | {target: lie}
+        reveals, refusals = _reveals_under(r, lists)
+        assert why in refusals[target] and set(refusals) == {target}
+        assert not _exposed(r, reveals, target)
+        r.sessions = {i: dataclasses.replace(s, revealed=False) for i, s in r.sessions.items()}  # try again
+    # told the truth, the same devices complete the round
+    r.unmask()
+    np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+
+
+def test_attack_consistent_list_on_a_sparse_graph_is_refused() -> None:
+    """Issue attack 2: one consistent list for everyone, 'the target's neighbours vanished'.
+    Before the checks the target revealed every pairwise seed while its 'vanished' neighbours
+    still answered with shares of its self-mask seed."""
+    params = _params(40, dropout_rate=0.05)
+    r = Round.start(40, seed=21, params=params)
+    r.keys()
+    r.mask()
+    target = 1
+    lie = sorted(set(r.inputs) - r.params.graph()[target])
+    reveals, refusals = _reveals_under(r, dict.fromkeys(r.inputs, lie))
+    assert "below the threshold" in refusals[target]
+    assert all("not listed as a survivor" in refusals[v] for v in r.params.graph()[target])
+    assert not any(target in rv.self_seed_shares for rv in reveals.values())
+    assert not _exposed(r, reveals, target)
+
+
+def _split_lists(n: int) -> tuple[dict[int, list[int]], set[int], set[int]]:
+    """Inconsistent lists on the complete graph of 10 (k = 9, t = 5) aimed at devices 1 and 2."""
+    everyone = list(range(1, n + 1))
+    a, b = {3, 4, 5, 6}, {7, 8, 9, 10}
+    lists = {1: [1, 2, *sorted(a)], 2: [1, 2, *sorted(a)]}
+    lists |= {i: sorted(set(everyone) - {1, 2}) for i in a} | {i: everyone for i in b}
+    return lists, a, b
+
+
+def test_inconsistent_lists_without_certified_keys_cannot_unmask_one_device() -> None:
+    """Each device checks only its own list, so different devices may be told different things;
+    still no single honest device is exposed (it reveals at most k - t < t pairwise seeds). What
+    such a server *can* get without the consistency check is documented and shown here: the sum of
+    two neighbours whose shared mask cancels (docs: 'Malicious server, without certified keys')."""
+    r = Round.start(10, seed=22)
+    r.keys()
+    r.mask()
+    lists, a, b = _split_lists(10)
+    reveals, refusals = _reveals_under(r, lists)
+    assert refusals == {}  # every list passes the device's own checks
+    assert not any(_exposed(r, reveals, u) for u in r.inputs)
+    # the known limit: x_1 + x_2 comes out (b_1, b_2 from 2 + B / 1 + B; seeds with A from A)
+    held = {
+        u: {h: rv.self_seed_shares[u] for h, rv in reveals.items() if u in rv.self_seed_shares}
+        for u in (1, 2)
+    }
+    seeds = {u: combine(held[u], r.params.threshold) for u in (1, 2)}
+    edges = [(u, v, reveals[u].pair_seeds[v]) for u in (1, 2) for v in b]
+    edges += [(u, v, reveals[v].pair_seeds[u]) for u in (1, 2) for v in a]
+    y = {i: masked for i, (_, masked) in r.replies.items()}
+    pair = unmask_sum(y[1] + y[2], seeds, edges, r.params.modulus_bits, r.params.context("mask"))
+    np.testing.assert_array_equal(pair, r.plain_sum([1, 2]))
+
+
+def test_parameter_downgrades_are_refused_before_anything_is_drawn() -> None:
+    params = _params(10)
+    expected = expected_for(params)
+    m = params.modulus_bits
+    for change, why in (
+        ({"threshold": 1}, "threshold 1 is outside"),
+        ({"threshold": 4}, "threshold 4 is outside"),  # floor(9/2) + 1 = 5
+        ({"degree": 2, "threshold": 2}, "degree 2 is outside"),  # a sparse graph for 10 devices
+        ({"n": 2, "degree": 1, "threshold": 1}, "below secagg-min-devices"),
+        ({"modulus_bits": m - 8}, "is not the no-wrap modulus"),
+        ({"modulus_bits": 64}, "is not the no-wrap modulus"),
+        ({"modulus_bits": 99}, "out of range"),
+        ({"clip": 1000.0}, "differ from this device's"),
+        ({"max_weight": 10**9}, "differ from this device's"),
+        ({"group": "phone"}, "is not this device's task"),
+        ({"run_id": RUN_ID + 1}, "is not this device's run"),
+        ({"graph_seed": b"short"}, "graph seed"),
+    ):
+        with pytest.raises(ParameterError, match=why):
+            device_keys(dataclasses.replace(params, **change), 1, expected)  # type: ignore[arg-type]
+    with pytest.raises(ParameterError, match=r"outside 1\.\.10"):
+        device_keys(params, 11, expected)
+    device_keys(params, 10, expected)  # the honest parameters are accepted
+
+
+def test_low_order_and_repeated_keys_are_refused_by_server_and_device() -> None:
+    r = Round.start(6, seed=23)
+    r.keys([1, 2, 3, 4, 5])
+    session, c_pk, s_pk = device_keys(r.params, 6, expected_for(r.params))
+    for bad in (bytes(32), (1).to_bytes(32, "little")):  # low-order points: all-zero shared secret
+        with pytest.raises(ValueError, match="invalid X25519 public key"):
+            r.server.add_keys(6, bad, s_pk)
+    with pytest.raises(ValueError, match="repeat"):
+        r.server.add_keys(6, c_pk, r.server.keys[1][1])  # a copy of device 1's s key
+    assert 6 not in r.server.keys  # refused: counted as never arrived, nobody masks with it
+    r.sessions[6] = session
+    peers = r.server.peer_keys_for(6)
+    # a lying server forwards a low-order key, or one key for two neighbours (their masks would cancel)
+    for forged, why in (
+        (peers | {2: (bytes(32), peers[2][1])}, "neighbour 2's public key is invalid"),
+        (peers | {3: (peers[3][0], peers[2][1])}, "repeats another key"),
+        (peers | {7: peers[2]}, "not our neighbours"),
+    ):
+        with pytest.raises(ParameterError, match=why):
+            device_mask(session, r.params, forged, r.inputs[6].encoded)
+    assert session.masked_with == ()  # nothing was sent
+
+
+def test_a_false_share_is_blamed_on_its_holder_and_the_round_completes() -> None:
+    r = Round.start(10, seed=24)
+    r.keys()
+    r.mask()
+    r.unmask()
+    liar, owner = 7, 3
+    share = bytearray(r.server.shares[owner][liar])
+    share[-1] ^= 1
+    r.server.shares[owner][liar] = bytes(share)
+    np.testing.assert_array_equal(r.server.finish(), r.plain_sum(r.inputs))
+    assert set(r.server.blamed) == {liar} and f"device {owner}'s self-mask" in r.server.blamed[liar]
+
+
+def test_inconsistent_shares_from_their_dealer_abort_naming_the_dealer() -> None:
+    r = Round.start(6, seed=25)
+    r.keys()
+    r.mask()
+    r.unmask()
+    owner = 4
+    held = r.server.shares[owner]
+    other = split(secrets.token_bytes(32), r.params.threshold, sorted(held))
+    for h in sorted(held)[:2]:  # two holders' shares come from another polynomial
+        held[h] = other[h]
+    with pytest.raises(SecAggAbort, match=f"device {owner} dealt inconsistent shares") as info:
+        r.server.finish()
+    assert info.value.blame == (owner,)
+
+
+# ============================================================== certified keys (run config secagg-pki)
+
+
+@pytest.fixture(scope="module")
+def fleet_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    names = [f"device-{i}" for i in range(1, 11)] + ["mallory"]
+    return pki.create_fleet_pki(tmp_path_factory.mktemp("pki"), names)
+
+
+@dataclass
+class CertifiedRound:
+    """A Round whose devices hold CA-certified keys and run the consistency check."""
+
+    r: Round
+    ca: bytes
+    creds: dict[int, pki.DeviceCredential]
+    identities: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    endorsements: dict[int, bytes] = field(default_factory=dict)  # everything the server collected
+
+    @classmethod
+    def start(cls, root: Path, n: int, seed: int) -> CertifiedRound:
+        r = Round.start(n, seed)
+        ca = pki.load_ca_public(root)
+        r.server = ServerRound(r.params, ca_public=ca)
+        return cls(r, ca, {i: pki.load_credential(root, f"device-{i}") for i in range(1, n + 1)})
+
+    def signed_keys(self, i: int, c_pk: bytes, s_pk: bytes, cred: pki.DeviceCredential | None = None):
+        cred = cred or self.creds[i]
+        statement = pki.round_keys_statement(self.r.params.digest(), i, c_pk, s_pk)
+        return cred.certificate, pki.sign(cred.private, statement)
+
+    def keys(self) -> None:
+        for i in self.r.inputs:
+            session, c_pk, s_pk = device_keys(self.r.params, i, expected_for(self.r.params))
+            self.r.sessions[i] = session
+            self.r.server.add_keys(i, c_pk, s_pk, self.signed_keys(i, c_pk, s_pk))
+
+    def mask(self) -> None:
+        r = self.r
+        for i in sorted(r.sessions):
+            r.peers[i] = r.server.peer_keys_for(i)
+            self.identities[i] = check_peer_keys(
+                r.sessions[i], r.params, r.peers[i], ca_public=self.ca,
+                credentials=r.server.peer_credentials_for(i), my_certificate=self.creds[i].certificate,
+            )  # fmt: skip
+            sealed, masked = device_mask(r.sessions[i], r.params, r.peers[i], r.inputs[i].encoded)
+            r.server.add_masked(i, sealed, masked)
+
+    def run(self, lists: dict[int, list[int]]) -> tuple[dict[int, Reveal], dict[int, str]]:
+        """Show each device its list, collect signatures, hand every device all of them."""
+        r = self.r
+        for i, survivors in lists.items():
+            self.endorsements[i] = device_endorse(r.sessions[i], r.params, survivors, self.creds[i].private)
+        reveals, refusals = {}, {}
+        for i, survivors in lists.items():
+            try:
+                reveals[i] = device_unmask(
+                    r.sessions[i], r.params, survivors, r.server.sealed_for(i), r.peers[i],
+                    endorsements=self.endorsements, identities=self.identities[i],
+                )  # fmt: skip
+            except ParameterError as exc:
+                refusals[i] = str(exc)
+        return reveals, refusals
+
+
+def test_certified_round_with_the_consistency_check_sums_exactly(fleet_pki: Path) -> None:
+    c = CertifiedRound.start(fleet_pki, 10, seed=30)
+    c.keys()
+    c.mask()
+    survivors = sorted(c.r.server.survivors)
+    for i in survivors:  # the server's own path: it verifies each signature as it arrives
+        c.r.server.add_endorsement(
+            i, device_endorse(c.r.sessions[i], c.r.params, survivors, c.creds[i].private)
+        )
+    for i in survivors:
+        reveal = device_unmask(
+            c.r.sessions[i], c.r.params, survivors, c.r.server.sealed_for(i), c.r.peers[i],
+            endorsements=c.r.server.endorsements_for(i), identities=c.identities[i],
+        )  # fmt: skip
+        c.r.server.add_reveal(i, reveal)
+    np.testing.assert_array_equal(c.r.server.finish(), c.r.plain_sum(c.r.inputs))
+
+
+def test_certified_devices_refuse_inconsistent_lists(fleet_pki: Path) -> None:
+    """The lists that leak x_1 + x_2 without certified keys: every device signs what it is shown,
+    and then finds fewer than t of its neighbours signed the same set, so none reveals anything."""
+    c = CertifiedRound.start(fleet_pki, 10, seed=31)
+    c.keys()
+    c.mask()
+    lists, _, _ = _split_lists(10)
+    reveals, refusals = c.run(lists)
+    assert reveals == {} and set(refusals) == set(lists)
+    assert all("signed this survivor set" in why for why in refusals.values())
+    # the honest consistent set is still refused: each device signs once per round
+    with pytest.raises(ParameterError, match="already endorsed"):
+        device_endorse(c.r.sessions[1], c.r.params, list(range(1, 11)), c.creds[1].private)
+
+
+def test_certified_devices_refuse_substituted_keys_sybils_and_replays(
+    fleet_pki: Path, tmp_path: Path
+) -> None:
+    c = CertifiedRound.start(fleet_pki, 6, seed=32)
+    c.keys()
+    r, target = c.r, 1
+    peers, creds = r.server.peer_keys_for(target), r.server.peer_credentials_for(target)
+    mine = c.creds[target].certificate
+
+    def attempt(p: dict, k: dict, why: str) -> None:
+        with pytest.raises(ParameterError, match=why):
+            check_peer_keys(
+                r.sessions[target], r.params, p, ca_public=c.ca, credentials=k, my_certificate=mine
+            )
+
+    # the server's own keys for neighbour 2 (a man in the middle), under 2's certificate and signature
+    _, mitm_c, mitm_s = device_keys(r.params, 2, expected_for(r.params))
+    attempt(peers | {2: (mitm_c, mitm_s)}, creds, "neighbour 2's keys are not signed")
+    # ...or signed by a key its own CA certified
+    rogue = pki.load_credential(pki.create_fleet_pki(tmp_path / "rogue", ["device-2"]), "device-2")
+    attempt(
+        peers | {2: (mitm_c, mitm_s)}, creds | {2: c.signed_keys(2, mitm_c, mitm_s, rogue)}, "not signed by"
+    )
+    # one certified device (mallory, colluding) signing for two positions: a Sybil
+    mallory = pki.load_credential(fleet_pki, "mallory")
+    sybil = dict(creds)
+    for j in (2, 3):
+        sybil[j] = c.signed_keys(j, *peers[j], mallory)
+    attempt(peers, sybil, "appears twice")
+    # keys signed for another round do not verify in this one
+    other = dataclasses.replace(r.params, server_round=ROUND + 1)
+    stale = pki.sign(c.creds[2].private, pki.round_keys_statement(other.digest(), 2, *peers[2]))
+    attempt(peers, creds | {2: (c.creds[2].certificate, stale)}, "neighbour 2's keys are not signed")
+    attempt(peers, {}, "without them")
+    # the server refuses the Sybil too: one certified name, one position
+    with pytest.raises(ValueError, match="already holds position"):
+        ServerRound(r.params, ca_public=c.ca, names={"mallory": 2}).add_keys(3, *peers[3], sybil[3])
+    assert check_peer_keys(
+        r.sessions[target], r.params, peers, ca_public=c.ca, credentials=creds, my_certificate=mine
+    ) == {j: c.creds[j].public() for j in peers}
+
+
+def test_certified_device_will_not_unmask_an_unsigned_set(fleet_pki: Path) -> None:
+    c = CertifiedRound.start(fleet_pki, 6, seed=33)
+    c.keys()
+    c.mask()
+    r, survivors = c.r, sorted(c.r.server.survivors)
+    with pytest.raises(ParameterError, match="never endorsed"):
+        device_unmask(
+            r.sessions[1], r.params, survivors, {}, r.peers[1], endorsements={}, identities=c.identities[1]
+        )
+    device_endorse(r.sessions[1], r.params, survivors, c.creds[1].private)
+    with pytest.raises(ParameterError, match="differs from the one this device signed"):
+        device_unmask(
+            r.sessions[1],
+            r.params,
+            survivors[:-1],
+            {},
+            r.peers[1],
+            endorsements={},
+            identities=c.identities[1],
+        )
+    with pytest.raises(ParameterError, match="signed this survivor set"):
+        device_unmask(
+            r.sessions[1], r.params, survivors, {}, r.peers[1], endorsements={}, identities=c.identities[1]
+        )
+
+
+# ======================================================================== hostile devices
+
+
+def _slot(params: Params, key: str) -> slice:
+    """Where `key` lies in the encoded vector (vector.py's layout: sorted expected keys)."""
+    offset = 0
+    for name, shape in sorted(aggregation.expected_shapes(SHAPES).items()):
+        size = int(np.prod(shape))
+        if name == key:
+            return slice(offset, offset + size)
+        offset += size
+    raise KeyError(key)
+
+
+def _hostile_round(seed: int, tamper) -> tuple[Round, dict[str, np.ndarray]]:
+    """A 10-device round in which device 3's encoded input is replaced by tamper(its input)."""
+    r = Round.start(10, seed=seed)
+    r.inputs[3] = dataclasses.replace(r.inputs[3], encoded=tamper(r.inputs[3].encoded.copy(), r.params))
+    r.keys()
+    r.mask()
+    r.unmask()
+    return r, decode_total(r.server.finish(), SHAPES, r.params)
+
+
+HEAD, B = "head.out.bias", "lora.conv2.lora_B.weight"
+
+
+def _set_weight(x: np.ndarray, params: Params, value: int) -> np.ndarray:
+    for key in SHAPES:
+        s = _slot(params, key + aggregation.WEIGHT)
+        width = s.stop - s.start
+        x[s] = encode_integers(np.full(width, value, dtype=np.int64), params.modulus_bits)
+    return x
+
+
+@pytest.mark.parametrize(
+    ("tamper", "check"),
+    [
+        # a coordinate far beyond clip x weight (no clipping on a hostile device)
+        (lambda x, p: _add(x, p, HEAD, 2 ** (p.modulus_bits - 3)), "value-bound"),
+        # a negative weight (it froze a task silently: keys with weight <= 0 were skipped)
+        (lambda x, p: _set_weight(x, p, -50), "value-bound"),  # W stays positive: values exceed clip x W
+        (lambda x, p: _set_weight(x, p, -10 * MAX_WEIGHT), "weight-range"),  # W <= 0
+        # a weight far above max-weight
+        (lambda x, p: _set_weight(x, p, 10 * MAX_WEIGHT * 10), "weight-range"),
+        # a weight on one key only
+        (lambda x, p: _add(x, p, HEAD + aggregation.WEIGHT, 7), "weights-consistent"),
+        # weights on B's last column without its first
+        (lambda x, p: _add(x, p, B + aggregation.WEIGHT, 0, last=100), "non-increasing"),
+    ],
+)
+def test_hostile_inputs_fail_the_plausibility_check(tamper, check: str) -> None:
+    r, decoded = _hostile_round(40, tamper)
+    with pytest.raises(ImplausibleSumError, match=check):
+        check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
+
+
+def _add(x: np.ndarray, params: Params, key: str, value: int, *, last: int = 0) -> np.ndarray:
+    s = _slot(params, key)
+    mask = np.uint64((1 << params.modulus_bits) - 1)
+    x[s.start] = (x[s.start] + np.uint64(value)) & mask
+    x[s.stop - 1] = (x[s.stop - 1] + np.uint64(last)) & mask
+    return x
+
+
+def test_honest_sum_passes_and_a_careful_hostile_device_is_bounded_only_by_clip() -> None:
+    r, decoded = _hostile_round(41, lambda x, p: x)
+    total = check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
+    assert total == sum(c.weight for c in r.inputs.values())
+    # the known limit (ACORN / RoFL): device 3 sets one coordinate so that the *sum* is exactly
+    # clip x W; no check can tell it from an honest round where every device pushed to +clip
+    s = _slot(r.params, HEAD)
+    scale = (2 ** (VALUE_BITS - 1) - 1) / CLIP
+    honest_rest = round(float(decoded[HEAD][0]) * scale) - int(
+        decode_signed(r.inputs[3].encoded[s][:1], r.params.modulus_bits)[0]
+    )
+
+    def push(x: np.ndarray, p: Params) -> np.ndarray:
+        target = round(CLIP * scale * total) - honest_rest
+        x[s.start] = encode_integers(np.array([target], dtype=np.int64), p.modulus_bits)[0]
+        return x
+
+    r2 = Round.start(10, seed=41)  # the same inputs (same seed): only device 3 differs
+    r2.inputs[3] = dataclasses.replace(r2.inputs[3], encoded=push(r.inputs[3].encoded.copy(), r.params))
+    for i in r2.inputs:
+        if i != 3:
+            r2.inputs[i] = r.inputs[i]
+    r2.keys()
+    r2.mask()
+    r2.unmask()
+    pushed = decode_total(r2.server.finish(), SHAPES, r2.params)
+    assert check_plausible_sum(pushed, SHAPES, r2.params, 10) == total
+    assert pushed[HEAD][0] / total == pytest.approx(CLIP, rel=1e-6)  # the mean moved to +clip
+
+
+def test_a_bogus_revealed_seed_is_caught_by_the_plausibility_check() -> None:
+    r = Round.start(10, seed=42)
+    r.keys()
+    r.mask([i for i in r.inputs if i != 9])  # 9 vanishes after keys: survivors reveal seeds with it
+    r.unmask()
+    liar = 4
+    r.server.pair_seeds[(liar, 9)] = secrets.token_bytes(32)  # what a hostile survivor reveals
+    decoded = decode_total(r.server.finish(), SHAPES, r.params)
+    with pytest.raises(ImplausibleSumError):
+        check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
+
+
+@pytest.mark.parametrize("n", [3, 4, 10, 50, 101, 150, 300])
+def test_devices_accept_every_honest_plan(n: int) -> None:
+    """The server's own plan passes every device check, sparse graphs (n > 100) included."""
+    from federation.secagg.protocol import check_params
+
+    params = _params(n)
+    check_params(params, Expected(RUN_ID, GROUP, CLIP, VALUE_BITS, MAX_WEIGHT, min_devices=3))
+    assert params.degree // 2 + 1 == params.threshold and (params.degree < n - 1) == (n >= 150)

@@ -171,6 +171,21 @@ def checks_for(command: ReadmeCommand, out: str) -> list[Check]:
             if not found:
                 return []
             checks += found
+        elif name == "pip" and argv[1:3] == ["install", "-e"] and len(argv) == 4:
+            # a local package: its metadata builds and pip would install it (no index reached)
+            script = shlex.join(
+                [
+                    str(VENV_BIN / "pip"),
+                    "install",
+                    "--no-deps",
+                    "--no-index",
+                    "--no-build-isolation",
+                    "--dry-run",
+                    "-e",
+                    argv[3],
+                ]
+            )
+            checks.append(Check(command.text, "pip --dry-run", script))
         elif name in ("python", "python3") and argv[1:3] == ["-m", "pytest"]:
             script = shlex.join([sys.executable, "-m", "pytest", *argv[3:], "--collect-only"])
             checks.append(Check(command.text, "--collect-only", script))
