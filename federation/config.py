@@ -120,12 +120,10 @@ class RunConfig:
         """The largest weight one device of `task` can honestly claim: its examples seen, at most
         steps x batch of its class (public), capped by max-weight. Secure aggregation sizes its
         modulus on it and devices refuse rounds planned for another bound."""
-        from federation.scenarios import DEVICE_TASK
-
         bounds = [
             self.train_for(c).steps * self.train.batch_size
             for c in self.scenario.fleet
-            if DEVICE_TASK[c] == task
+            if self.scenario.class_task(c) == task
         ]
         return max(1, min(int(self.max_weight), max(bounds, default=int(self.max_weight))))
 

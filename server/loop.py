@@ -242,14 +242,14 @@ class Federation:
         """What one device of `task` uploads: the masked vector packed to m bits per coordinate
         (m for a group of the round's devices of that task), or its float32 contribution."""
         from federation.aggregation import expected_shapes
-        from federation.scenarios import DEVICE_TASK
         from federation.secagg.packing import packed_size
         from federation.secagg.protocol import required_modulus_bits
         from federation.secagg.vector import vector_length
 
         shapes = self.task_shapes(task)
         if self.run.secure_aggregation:
-            n = sum(k for c, k in self.run.scenario.per_round.items() if DEVICE_TASK[c] == task)
+            scenario = self.run.scenario
+            n = sum(k for c, k in scenario.per_round.items() if scenario.class_task(c) == task)
             m = required_modulus_bits(self.run.secagg_value_bits, max(n, 2), self.run.task_max_weight(task))
             return packed_size(vector_length(shapes), m)
         return 4 * sum(int(np.prod(s)) for s in expected_shapes(shapes).values())
