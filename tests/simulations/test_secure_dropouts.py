@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from simulations.cli import simulate_scenario
+
+DEADLINE_S = 900  # a hung simulation is stopped and fails its test instead of blocking the suite
+
+
+def _simulate(run_processes: Any, out: Path, sets: dict[str, object]) -> Path:
+    """A 2-round `dropout-check` run, its processes found and stopped by the test's deadline."""
+    with run_processes(deadline_s=DEADLINE_S) as procs:
+        try:
+            return simulate_scenario("dropout-check", 2, 0, out, sets, quiet=True)
+        finally:
+            assert not procs.timed_out, f"the simulation ran past {DEADLINE_S} s and was stopped"
 
 
 def _rounds(out: Path) -> list[dict]:
@@ -19,19 +31,19 @@ def _rounds(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def some_vanish(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def some_vanish(tmp_path_factory: pytest.TempPathFactory, run_processes: Any) -> Path:
     # 10 watches in one group (complete graph, k = 9, threshold t = 5): 30% may vanish
     sets = {"dropout-after-keys": 0.3, "federated-eval-every": -1}
-    return simulate_scenario("dropout-check", 2, 0, tmp_path_factory.mktemp("drop"), sets, quiet=True)
+    return _simulate(run_processes, tmp_path_factory.mktemp("drop"), sets)
 
 
 @pytest.fixture(scope="module")
-def most_vanish(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def most_vanish(tmp_path_factory: pytest.TempPathFactory, run_processes: Any) -> Path:
     # 75% vanish after keys: with seed 0 the seeded draw leaves 2 watches in round 1 and 4 in
     # round 2, i.e. 1 <= survivors < t = 5 (not zero survivors, which would test nothing of the
     # devices' threshold check)
     sets = {"dropout-after-keys": 0.75, "federated-eval-every": -1}
-    return simulate_scenario("dropout-check", 2, 0, tmp_path_factory.mktemp("abort"), sets, quiet=True)
+    return _simulate(run_processes, tmp_path_factory.mktemp("abort"), sets)
 
 
 def test_rounds_complete_over_the_survivors(some_vanish: Path) -> None:
