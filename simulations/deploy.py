@@ -181,9 +181,11 @@ def start_supernode(
     key: Path | None = None,
     root_certificates: Path | None = None,
     insecure: bool | None = None,
+    keyless: bool = False,
 ) -> subprocess.Popen[bytes]:
     """A SuperNode for this deployment (its PID recorded): by default with the deployment's own
-    security (its CA, `keys/<name>`); tests pass other keys, CAs or `insecure` to play intruders."""
+    security (its CA, `keys/<name>`); tests pass other keys, CAs, `keyless` or `insecure` to play
+    intruders."""
     plain = state.insecure if insecure is None else insecure
     args = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{state.port}",
             "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config]  # fmt: skip
@@ -191,7 +193,8 @@ def start_supernode(
         args.append("--insecure")
     else:
         args += ["--root-certificates", str(root_certificates or state.certs.ca_cert)]
-        args += ["--auth-supernode-private-key", str(key or state.keys / name)]
+        if not keyless:
+            args += ["--auth-supernode-private-key", str(key or state.keys / name)]
     proc = _popen(state, f"supernode-{name}", args)
     state.pids[f"supernode-{name}"] = proc.pid
     state.save()
