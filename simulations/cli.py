@@ -196,9 +196,16 @@ def simulate(
         bool,
         typer.Option("--dry-run", help="validate and print the run config the apps would get; run nothing"),
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="a run's output folder: continue it after its last completed round"),
+    ] = None,
 ) -> None:
     """Run a scenario in Flower's simulation engine; leave metrics, summary, adapter and plots."""
     sets = _parse_sets(set_ or [])
+    if resume is not None:
+        scenario, saved_rounds, seed, out, sets = resume_settings(resume, sets)
+        rounds = rounds or saved_rounds
     if dry_run:
         from federation.scenarios import get_scenario
         from simulations.overrides import fused_run_config
@@ -211,6 +218,34 @@ def simulate(
             print(f"{key} = {toml_value(value)}")
         return
     simulate_scenario(scenario, rounds, seed, out, sets)
+
+
+def resume_settings(
+    directory: Path, sets: dict[str, object]
+) -> tuple[str, int | None, int, Path, dict[str, object]]:
+    """(scenario, rounds, seed, out, sets) that continue the run in `directory` after its last
+    checkpoint: the run config it was started with (the checkpoint carries it), `sets` on top,
+    the same output folder, and `initial-checkpoint` pointing at its checkpoint."""
+    directory = directory.resolve()
+    info_path = directory / "checkpoint.json"
+    if not info_path.is_file():
+        raise FedgeError(f"--resume {directory}: no checkpoint.json (written after each round)")
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError:
+        raise FedgeError(f"--resume {directory}: checkpoint.json is damaged") from None
+    saved = info.get("run_config")
+    if not isinstance(saved, dict) or "scenario" not in saved:
+        raise FedgeError(
+            f"--resume {directory}: its checkpoint does not record the run config; "
+            f"use --set initial-checkpoint={directory / 'checkpoint.safetensors'} with the run's settings"
+        )
+    fixed = ("scenario", "seed", "out-dir", "num-rounds", "initial-checkpoint")
+    merged = {k: v for k, v in saved.items() if k not in fixed}
+    merged.update(sets)
+    merged["initial-checkpoint"] = str(directory / "checkpoint.safetensors")
+    rounds = int(saved.get("num-rounds", 0)) or None
+    return str(saved["scenario"]), rounds, int(saved.get("seed", 0)), directory, merged
 
 
 @app.command()
@@ -362,24 +397,34 @@ def deploy_run(
     seed: int = 0,
     out: Annotated[Path | None, typer.Option(help="output folder")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the last run after its last completed round")
+    ] = False,
 ) -> None:
     """Run the deployment's scenario on it (`flwr run` against its own connection)."""
     from simulations.deploy import DeploymentState
 
     state = DeploymentState.load(directory)
+    sets = _parse_sets(set_ or [])
+    scenario = state.scenario
+    if resume:
+        runs = sorted((Path(state.directory) / "results").glob("*/checkpoint.json"))
+        if not runs:
+            raise FedgeError(f"--resume: no checkpointed run in {Path(state.directory) / 'results'}")
+        scenario, saved_rounds, seed, out, sets = resume_settings(runs[-1].parent, sets)
+        rounds = rounds or saved_rounds
     out = (out or Path(state.directory) / "results" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-    _run_deployed(state, state.scenario, rounds, seed, out, set_)
+    _run_deployed(state, scenario, rounds, seed, out, sets)
 
 
 def _run_deployed(
-    state: object, scenario: str, rounds: int | None, seed: int, out: Path, set_: list[str] | None
+    state: object, scenario: str, rounds: int | None, seed: int, out: Path, sets: dict[str, object]
 ) -> None:
     from federation.config import ConfigSource, RunConfig
     from simulations.deploy import INSECURE_WARNING, DeploymentState, run
     from simulations.overrides import fused_run_config
 
     assert isinstance(state, DeploymentState)
-    sets = _parse_sets(set_ or [])
     config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
     config.setdefault("device-clock", False)  # real nodes: availability is theirs, not simulated
     if rounds:
