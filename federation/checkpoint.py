@@ -63,3 +63,28 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     if bad:
         raise FedgeError(f"checkpoint {path} holds NaN/inf in {bad[0]}: use an earlier checkpoint")
     return state, info
+
+
+def completed_rounds(metrics_path: Path, last_round: int) -> list[dict[str, Any]]:
+    """The metrics entries of rounds 0..last_round from a run's metrics.jsonl, in order, each
+    once (a later line for a round replaces an earlier one); missing file: none."""
+    if not metrics_path.is_file():
+        return []
+    entries: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(metrics_path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            round_ = int(entry["round"])
+        except (ValueError, KeyError, TypeError):
+            raise FedgeError(f"{metrics_path} line {number} is not a metrics entry: cannot resume") from None
+        if round_ <= last_round:
+            entries[round_] = entry
+    return [entries[r] for r in sorted(entries)]
+
+
+def write_metrics(metrics_path: Path, entries: list[dict[str, Any]]) -> None:
+    """Replace metrics.jsonl with `entries`, atomically."""
+    text = "".join(json.dumps(e) + "\n" for e in entries)
+    _atomic_write(metrics_path, lambda tmp: Path(tmp).write_text(text))

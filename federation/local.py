@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from federation.aggregation import is_column_key
 from federation.config import RunConfig
@@ -65,6 +66,9 @@ def local_train(
     model.load_shared_state(shared)
     seed = round_seed(run.seed, device.data_client, server_round)
     settings = device_settings(run, device)
+    # Dropout (MiniLM's) draws from torch's global RNG, which each process seeds on its own: seed
+    # it from (run seed, device, round) so a round trains alike in any process, e.g. after a resume.
+    torch.manual_seed(seed)
     result, new_private = get_task(device.task).train(
         model, data, settings, seed, client_id=device.data_client, run=run, private=private
     )

@@ -269,6 +269,26 @@ SCENARIOS: dict[str, Scenario] = {
             device_clock=False,
         ),
         Scenario(
+            name="deploy-mixed",
+            description=(
+                "2 phones, 2 TVs, 2 watches, all every round, 2 secure rounds: a loopback deployment "
+                "check of every device class (a secure sum needs at least 2 devices per task)"
+            ),
+            fleet={
+                "phone/low": 1,
+                "phone/high": 1,
+                "tv/mid": 1,
+                "tv/high": 1,
+                "sensor/low": 1,
+                "sensor/high": 1,
+            },
+            per_round={"phone": 2, "tv": 2, "sensor": 2},
+            rounds=2,
+            local_steps={"phone": 6, "tv": 6, "sensor": 20},
+            eval_cap={"phone": 256, "sensor": 100_000},
+            device_clock=False,
+        ),
+        Scenario(
             name="dropout-check",
             description="10 watches, all every round: secure aggregation with devices vanishing",
             fleet={"sensor/low": 5, "sensor/high": 5},

@@ -22,7 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from federation import aggregation
-from federation.checkpoint import load_checkpoint, save_checkpoint
+from federation.checkpoint import completed_rounds, load_checkpoint, save_checkpoint, write_metrics
 from federation.config import RunConfig
 from federation.data.common import stable_seed
 from federation.errors import FedgeError
@@ -140,30 +140,51 @@ def sample(
 class Federation:
     """Server state of one run: global shared state, registry, outputs."""
 
-    def __init__(self, grid: Grid, run: RunConfig, run_id: int = 0) -> None:
+    def __init__(
+        self, grid: Grid, run: RunConfig, run_id: int = 0, run_config: Mapping[str, Any] | None = None
+    ) -> None:
         self.grid, self.run, self.run_id = grid, run, run_id
+        # the run config as Flower gave it: a checkpoint carries it, so `--resume` needs nothing else
+        self.run_config = {k: v for k, v in (run_config or {}).items() if k != "initial-checkpoint"}
         self.tasks = run.scenario.tasks
         self.out = _out_dir(run)
         self.registry = Registry()
         self.state = initial_state(self.tasks, run.lora, run.seed, run)
         self.shapes = {k: tuple(v.shape) for k, v in self.state.items()}
         self.start_round = 1
-        if run.initial_checkpoint:
-            self._resume(run.initial_checkpoint)
         self.metrics_path = self.out / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         self.sim_time_s = run.scenario.start_hour * 3600.0  # the simulated clock (device-clock)
+        if run.initial_checkpoint:
+            self._resume(run.initial_checkpoint)
 
     def _resume(self, path: str) -> None:
+        """Continue after the checkpoint's round: its global state, simulated clock and the
+        metrics of the rounds it covers (a round whose metrics were written but whose checkpoint
+        was not is dropped, and runs again: no round is counted twice). Every random draw of a
+        round is seeded by (seed, round[, device]) alone, so no RNG state needs restoring."""
         state, info = load_checkpoint(path)
         if set(state) != set(self.state) or any(tuple(state[k].shape) != self.shapes[k] for k in state):
             raise FedgeError(
                 f"checkpoint {path} does not match this run's model "
                 "(scenario, lora-rank, lora-targets, tv-user-dim): resume with the settings it was made with"
             )
+        for key, ours in (("scenario", self.run.scenario.name), ("seed", self.run.seed)):
+            if key in info and info[key] != ours:
+                raise FedgeError(
+                    f"checkpoint {path} is of {key} {info[key]!r}, this run's is {ours!r}: "
+                    f"resume with the {key} it was made with"
+                )
         self.state = state
-        self.start_round = int(info.get("round", 0)) + 1
-        log(INFO, "fedge: resumed from %s at round %d", path, self.start_round - 1)
+        done = int(info.get("round", 0))
+        self.start_round = done + 1
+        if "sim_time_s" in info:
+            self.sim_time_s = float(info["sim_time_s"])
+        source = Path(path)
+        source = (source if source.is_dir() else source.parent) / "metrics.jsonl"
+        self.history = completed_rounds(source, done)
+        write_metrics(self.metrics_path, self.history)
+        log(INFO, "fedge: resumed from %s after round %d", path, done)
 
     # -- evaluation -------------------------------------------------------------------
     def evaluate_server(self) -> dict[str, dict[str, float]]:
@@ -390,6 +411,9 @@ class Federation:
                 "seed": self.run.seed,
                 "lora_rank": self.run.lora.rank,
                 "tasks": list(self.tasks),
+                "sim_time_s": self.sim_time_s,  # the simulated clock, after this round
+                "run_config": self.run_config,
+                "rng": "stateless: every draw is seeded by (seed, round[, device])",
             },
         )
 
@@ -411,7 +435,7 @@ class Federation:
 
 def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -> Path:
     run = RunConfig.parse(run_config)
-    fed = Federation(grid, run, run_id)
+    fed = Federation(grid, run, run_id, run_config)
     if not run.secure_aggregation:
         log(WARNING, "fedge: secure-aggregation = false: the server sees every device's individual update")
     elif run.secagg_pki:  # fail at start, not in round 1, when the CA's public key is missing

@@ -196,9 +196,16 @@ def simulate(
         bool,
         typer.Option("--dry-run", help="validate and print the run config the apps would get; run nothing"),
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="a run's output folder: continue it after its last completed round"),
+    ] = None,
 ) -> None:
     """Run a scenario in Flower's simulation engine; leave metrics, summary, adapter and plots."""
     sets = _parse_sets(set_ or [])
+    if resume is not None:
+        scenario, saved_rounds, seed, out, sets = resume_settings(resume, sets)
+        rounds = rounds or saved_rounds
     if dry_run:
         from federation.scenarios import get_scenario
         from simulations.overrides import fused_run_config
@@ -211,6 +218,34 @@ def simulate(
             print(f"{key} = {toml_value(value)}")
         return
     simulate_scenario(scenario, rounds, seed, out, sets)
+
+
+def resume_settings(
+    directory: Path, sets: dict[str, object]
+) -> tuple[str, int | None, int, Path, dict[str, object]]:
+    """(scenario, rounds, seed, out, sets) that continue the run in `directory` after its last
+    checkpoint: the run config it was started with (the checkpoint carries it), `sets` on top,
+    the same output folder, and `initial-checkpoint` pointing at its checkpoint."""
+    directory = directory.resolve()
+    info_path = directory / "checkpoint.json"
+    if not info_path.is_file():
+        raise FedgeError(f"--resume {directory}: no checkpoint.json (written after each round)")
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError:
+        raise FedgeError(f"--resume {directory}: checkpoint.json is damaged") from None
+    saved = info.get("run_config")
+    if not isinstance(saved, dict) or "scenario" not in saved:
+        raise FedgeError(
+            f"--resume {directory}: its checkpoint does not record the run config; "
+            f"use --set initial-checkpoint={directory / 'checkpoint.safetensors'} with the run's settings"
+        )
+    fixed = ("scenario", "seed", "out-dir", "num-rounds", "initial-checkpoint")
+    merged = {k: v for k, v in saved.items() if k not in fixed}
+    merged.update(sets)
+    merged["initial-checkpoint"] = str(directory / "checkpoint.safetensors")
+    rounds = int(saved.get("num-rounds", 0)) or None
+    return str(saved["scenario"]), rounds, int(saved.get("seed", 0)), directory, merged
 
 
 @app.command()
@@ -261,8 +296,12 @@ def deploy_local_cmd(
     seed: int = 0,
     out: Annotated[Path | None, typer.Option(help="output folder")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="no TLS, no node authentication (loopback trials only)")
+    ] = False,
 ) -> None:
-    """Run a scenario on a real SuperLink + SuperNodes on 127.0.0.1 (Flower's deployment engine)."""
+    """Run a scenario on a real SuperLink + SuperNodes on 127.0.0.1 (TLS + node authentication),
+    then stop them: `fedge deploy up`, `run` and `down` in one command."""
     from federation.config import ConfigSource, RunConfig
     from simulations.deploy import deploy_local
     from simulations.overrides import fused_run_config
@@ -280,12 +319,161 @@ def deploy_local_cmd(
         if "fedge" in line:
             console.print(line.split("INFO", 1)[-1].strip(" :"))
 
-    code = deploy_local(config, on_line=on_line, log_dir=out / "logs")
+    if insecure:
+        from simulations.deploy import INSECURE_WARNING
+
+        _deploy_say(f"WARNING: {INSECURE_WARNING}")
+    code = deploy_local(config, on_line=on_line, log_dir=out / "logs", insecure=insecure)
     summary = out / "summary.json"
     if code != 0 or not summary.exists():
         raise FedgeError(f"deployment run failed (exit {code}): see {out / 'logs'}")
     print_summary(json.loads(summary.read_text()))
     console.print(f"results in {out}")
+
+
+certs_app = typer.Typer(no_args_is_help=True, help="TLS credentials for a deployment (operator CA).")
+app.add_typer(certs_app, name="certs")
+deploy_app = typer.Typer(
+    no_args_is_help=True, help="A local deployment: SuperLink + one SuperNode per device on 127.0.0.1."
+)
+app.add_typer(deploy_app, name="deploy")
+DEPLOY_DIR_HELP = "the deployment's folder: credentials, state file, logs, its own FLWR_HOME"
+
+
+@certs_app.command("init")
+def certs_init(
+    directory: Annotated[Path, typer.Argument(help="folder for ca.crt, ca.key, ca.pub, superlink.crt/.key")],
+    host: Annotated[
+        list[str] | None, typer.Option("--host", help="a SuperLink host name or IP (repeatable)")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace existing files")] = False,
+) -> None:
+    """Make an operator CA and a SuperLink certificate (default hosts: localhost, 127.0.0.1, ::1)."""
+    from simulations.credentials import DEFAULT_HOSTS, init_certificates
+
+    files = init_certificates(directory, host or DEFAULT_HOSTS, force=force)
+    console.print(f"CA and SuperLink certificate for {', '.join(host or DEFAULT_HOSTS)} in {files.directory}")
+    console.print(f"keep {files.ca_key} with the operator, off the servers (private, 0600)")
+
+
+@app.command("node-key")
+def node_key_cmd(
+    name: Annotated[Path, typer.Argument(help="private key file to write; NAME.pub beside it")],
+    force: Annotated[bool, typer.Option("--force", help="replace existing files")] = False,
+) -> None:
+    """Make a SuperNode key pair for Flower's node authentication (OpenSSH EC P-384)."""
+    from simulations.credentials import node_key
+
+    private, public = node_key(name, force=force)
+    console.print(f"{private} (private, 0600: only on the node) and {public} (`flwr supernode register`)")
+
+
+@deploy_app.command("up")
+def deploy_up(
+    scenario: Annotated[str, typer.Option(help="named scenario: one SuperNode per device")] = "smoke",
+    directory: Annotated[Path, typer.Option("--dir", help=DEPLOY_DIR_HELP)] = Path(".fedge-deploy"),
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="no TLS, no node authentication (loopback trials only)")
+    ] = False,
+) -> None:
+    """Start a SuperLink (TLS + node authentication) and one registered SuperNode per device."""
+    from simulations.deploy import up
+
+    state = up(scenario_argument(scenario), directory, insecure=insecure, on_line=_deploy_say)
+    console.print(f"deployment up in {state.directory}: `fedge deploy run`, then `fedge deploy down`")
+
+
+def _deploy_say(line: str) -> None:
+    if line.startswith("WARNING"):
+        Console(stderr=True, soft_wrap=True, highlight=False).print(line, style="bold red", markup=False)
+    else:
+        console.print(line, markup=False, highlight=False)
+
+
+@deploy_app.command("run")
+def deploy_run(
+    directory: Annotated[Path, typer.Option("--dir", help=DEPLOY_DIR_HELP)] = Path(".fedge-deploy"),
+    rounds: Annotated[int | None, typer.Option(help="rounds (default: the scenario's)")] = None,
+    seed: int = 0,
+    out: Annotated[Path | None, typer.Option(help="output folder")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the last run after its last completed round")
+    ] = False,
+) -> None:
+    """Run the deployment's scenario on it (`flwr run` against its own connection)."""
+    from simulations.deploy import DeploymentState
+
+    state = DeploymentState.load(directory)
+    sets = _parse_sets(set_ or [])
+    scenario = state.scenario
+    if resume:
+        runs = sorted((Path(state.directory) / "results").glob("*/checkpoint.json"))
+        if not runs:
+            raise FedgeError(f"--resume: no checkpointed run in {Path(state.directory) / 'results'}")
+        scenario, saved_rounds, seed, out, sets = resume_settings(runs[-1].parent, sets)
+        rounds = rounds or saved_rounds
+    out = (out or Path(state.directory) / "results" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    _run_deployed(state, scenario, rounds, seed, out, sets)
+
+
+def _run_deployed(
+    state: object, scenario: str, rounds: int | None, seed: int, out: Path, sets: dict[str, object]
+) -> None:
+    from federation.config import ConfigSource, RunConfig
+    from simulations.deploy import INSECURE_WARNING, DeploymentState, run
+    from simulations.overrides import fused_run_config
+
+    assert isinstance(state, DeploymentState)
+    config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
+    config.setdefault("device-clock", False)  # real nodes: availability is theirs, not simulated
+    if rounds:
+        config["num-rounds"] = rounds
+    RunConfig.parse(fused_run_config(config), ConfigSource(flag="--set", given=frozenset(sets)))  # type: ignore[arg-type]
+    out.mkdir(parents=True, exist_ok=True)
+    if state.insecure:
+        _deploy_say(f"WARNING: {INSECURE_WARNING}")
+
+    def on_line(line: str) -> None:
+        if "fedge" in line:
+            console.print(line.split("INFO", 1)[-1].strip(" :"), markup=False, highlight=False)
+
+    code = run(state, config, on_line=on_line, log_path=out / "flwr-run.log")
+    summary = out / "summary.json"
+    if code != 0 or not summary.exists():
+        raise FedgeError(f"deployment run failed (exit {code}): see {out / 'flwr-run.log'} and {state.logs}")
+    print_summary(json.loads(summary.read_text()))
+    console.print(f"results in {out}")
+
+
+@deploy_app.command("status")
+def deploy_status(
+    directory: Annotated[Path, typer.Option("--dir", help=DEPLOY_DIR_HELP)] = Path(".fedge-deploy"),
+) -> None:
+    """Which of the deployment's processes are running."""
+    from simulations.deploy import DeploymentState, status
+
+    state = DeploymentState.load(directory)
+    found = status(state)
+    mode = "INSECURE (no TLS, no node auth)" if state.insecure else "TLS + node authentication"
+    console.print(f"{state.scenario} on 127.0.0.1:{state.port}, {mode}")
+    for line in found["alive"]:
+        console.print(f"  running  {line}", markup=False)
+    for line in found["exited"]:
+        console.print(f"  exited   {line}", markup=False)
+    if not found["alive"]:
+        console.print("nothing running")
+
+
+@deploy_app.command("down")
+def deploy_down(
+    directory: Annotated[Path, typer.Option("--dir", help=DEPLOY_DIR_HELP)] = Path(".fedge-deploy"),
+) -> None:
+    """Stop exactly the processes `fedge deploy up` started (by PID) and those they started."""
+    from simulations.deploy import DeploymentState, down
+
+    stopped = down(DeploymentState.load(directory))
+    console.print(f"stopped {stopped} processes")
 
 
 @bench_app.command("overhead")

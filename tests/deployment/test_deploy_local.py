@@ -1,10 +1,20 @@
-"""The same apps on Flower's deployment engine: a SuperLink and SuperNodes on 127.0.0.1.
+"""The same apps on Flower's deployment engine: a SuperLink and SuperNodes on 127.0.0.1, with TLS
+and node authentication, and intruders that must be refused.
 
-`fedge deploy-local` starts `flower-superlink` and one `flower-supernode` per device (each with
-`--node-config "device-class='sensor' partition-id=N"`, as a real node would say who it is), runs
-the app with `flwr run . <connection>`, and stops every process by PID. A round here is secure
-aggregation's three exchanges, each a fresh ClientApp process per node (Flower's default
-isolation), so the scenario is three watches and one round.
+`simulations.deploy.up` starts `flower-superlink` (TLS with a certificate of a fresh operator CA,
+`--enable-supernode-auth`), registers one key per device (`flwr supernode register`) and starts one
+`flower-supernode` per device (each with `--node-config "device-class='sensor' partition-id=N
+tier='low'"`, as a real node would say who it is); `run` runs the app with `flwr run`; `down` stops
+every process by PID. A round here is secure aggregation's exchanges, each a fresh ClientApp
+process per node (Flower's default isolation), so the scenario is three watches and one round.
+
+While the run goes, three intruders try to join, each as a watch:
+- a node whose key was never registered, and a node with no key at all;
+- a node with a registered key that trusts another CA (so it cannot verify the SuperLink: a
+  man-in-the-middle's certificate would look the same to it);
+- a node speaking plain HTTP to the TLS port.
+Each is refused (its log says why; it never gets a node id), and the run completes with exactly
+the three legitimate watches.
 
 While it runs, the processes it started (found as descendants of this test, or by a marker in
 their environment) are sampled with their sockets: every listening socket must be bound to
@@ -14,20 +24,25 @@ loopback, and every connection must go to loopback.
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from federation.errors import FedgeError
-from simulations.deploy import deploy_local
+from simulations.credentials import init_certificates, node_key
+from simulations.deploy import deploy_local, down, register_node, run, start_supernode, up
 
-DEADLINE_S = 600  # deploy_local's own; the watch below kills the run a minute later still
+DEADLINE_S = 600  # the run's own; the watch below kills everything a minute later still
+INTRUDER = "device-class='sensor' partition-id=0 tier='low'"  # each claims to be watch 0
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, run_processes: Any) -> tuple[Path, Any, int]:
-    out = tmp_path_factory.mktemp("deploy")
+def deployment(tmp_path_factory: pytest.TempPathFactory, run_processes: Any) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("deploy")
+    out = root / "out"
     lines: list[str] = []
     config = {
         "scenario": "deploy-check",
@@ -36,30 +51,79 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, run_processes: Any) -> 
         "federated-eval-every": -1,
         "device-clock": False,  # real nodes: every connected node is available
     }
-    with run_processes(deadline_s=DEADLINE_S + 60) as procs:
-        code = deploy_local(config, on_line=lines.append, log_dir=out / "logs", timeout_s=DEADLINE_S)
-    assert not procs.timed_out, "deploy_local hung past its own deadline"
+    intruders: dict[str, subprocess.Popen[bytes]] = {}
+    with run_processes(deadline_s=DEADLINE_S + 120) as procs:
+        state = up("deploy-check", root / "deployment")
+        try:
+            other_ca = init_certificates(root / "other-ca")
+            node_key(root / "unregistered")
+            node_key(root / "registered")
+            register_node(state, root / "registered.pub")
+            intruders = {
+                "unregistered": start_supernode(state, "unregistered", INTRUDER, key=root / "unregistered"),
+                "other-ca": start_supernode(
+                    state, "other-ca", INTRUDER, key=root / "registered", root_certificates=other_ca.ca_cert
+                ),
+                "plaintext": start_supernode(state, "plaintext", INTRUDER, insecure=True),
+                "keyless": start_supernode(state, "keyless", INTRUDER, keyless=True),
+            }
+            code = run(state, config, on_line=lines.append, timeout_s=DEADLINE_S)
+            exits = {name: proc.poll() for name, proc in intruders.items()}
+            logs = {name: (state.logs / f"supernode-{name}.log").read_text() for name in intruders}
+            legit_logs = [(state.logs / f"supernode-sensor-{i}.log").read_text() for i in range(3)]
+        finally:
+            down(state)
+        for proc in intruders.values():
+            proc.wait(timeout=30)
+    assert not procs.timed_out, "the deployment hung past its deadline"
     assert code == 0, "\n".join(lines[-30:])
-    return out, procs, code
+    return {"out": out, "procs": procs, "exits": exits, "logs": logs, "legit_logs": legit_logs}
 
 
-def test_a_secure_round_completes_and_learns(deployment: tuple[Path, Any, int]) -> None:
-    out, _, _ = deployment
-    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def test_a_secure_round_over_tls_and_node_auth_completes_and_learns(deployment: dict[str, Any]) -> None:
+    rounds = [json.loads(line) for line in (deployment["out"] / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1]
+    assert rounds[0]["devices"] == {"sensor": 3}  # the three registered watches, no intruder
     assert rounds[1]["secure"] is True and rounds[1]["participants"] == {"sensor": 3}
     # seeded run: a fresh head (~0.02) against one secure round of three watches (~0.2)
     assert rounds[1]["eval"]["sensor"]["accuracy"] > rounds[0]["eval"]["sensor"]["accuracy"]
+    assert all("SuperNode ID:" in log for log in deployment["legit_logs"])
 
 
-def test_nothing_the_deployment_started_is_left_running(deployment: tuple[Path, Any, int]) -> None:
-    _, procs, _ = deployment
+def test_an_unregistered_key_is_refused(deployment: dict[str, Any]) -> None:
+    log = deployment["logs"]["unregistered"]
+    assert deployment["exits"]["unregistered"] not in (None, 0), log[-1500:]
+    assert "Failed to activate SuperNode" in log and "SuperNode ID:" not in log, log[-1500:]
+
+
+def test_a_node_without_a_key_is_refused(deployment: dict[str, Any]) -> None:
+    """Without node authentication a keyless node registers itself through the Fleet API and
+    joins; with it, registration is the operator's (the CLI) alone."""
+    log = deployment["logs"]["keyless"]
+    assert deployment["exits"]["keyless"] not in (None, 0), log[-1500:]
+    assert "must be registered via the CLI" in log and "SuperNode ID:" not in log, log[-1500:]
+
+
+def test_a_node_trusting_another_ca_refuses_the_superlink(deployment: dict[str, Any]) -> None:
+    log = deployment["logs"]["other-ca"]
+    assert deployment["exits"]["other-ca"] not in (None, 0), log[-1500:]
+    assert "CERTIFICATE_VERIFY_FAILED" in log and "SuperNode ID:" not in log, log[-1500:]
+
+
+def test_a_plaintext_node_never_joins_the_tls_superlink(deployment: dict[str, Any]) -> None:
+    log = deployment["logs"]["plaintext"]
+    # it retries for ever (Flower's node keeps trying), but no attempt ever connects
+    assert "Connection attempt failed" in log and "SuperNode ID:" not in log, log[-1500:]
+
+
+def test_nothing_the_deployment_started_is_left_running(deployment: dict[str, Any]) -> None:
+    procs = deployment["procs"]
     assert any("flower-superlink" in name for name in procs.names.values()), "the watch saw no SuperLink"
     assert not procs.leftovers(), procs.leftovers()
 
 
-def test_every_node_listens_and_connects_on_loopback_only(deployment: tuple[Path, Any, int]) -> None:
-    _, procs, _ = deployment
+def test_every_node_listens_and_connects_on_loopback_only(deployment: dict[str, Any]) -> None:
+    procs = deployment["procs"]
     listening = {s for s in procs.sockets if s.kind == "listen"}
     # the SuperLink's and every SuperNode's port were seen listening (the watch is not blind)
     assert sum("flower-supernode" in s.process for s in listening) >= 3, sorted(listening, key=str)
@@ -73,8 +137,11 @@ def test_a_deployment_past_its_deadline_fails_clearly_and_stops_everything(
     """A run that cannot finish in time (here: 3 s, less than starting the app takes) is stopped
     by deploy_local's watchdog, whether or not it prints, with every process it started."""
     config = {"scenario": "deploy-check", "seed": 0, "out-dir": str(tmp_path), "device-clock": False}
-    with run_processes(deadline_s=180) as procs, pytest.raises(FedgeError, match="did not finish within 3 s"):
+    started = time.monotonic()
+    late = pytest.raises(FedgeError, match=r"did not finish within \d+ s")
+    with run_processes(deadline_s=180) as procs, late:
         deploy_local(config, log_dir=tmp_path / "logs", timeout_s=3)
+    assert time.monotonic() - started < 120
     assert not procs.timed_out
     assert any("flower-superlink" in name for name in procs.names.values()), procs.names
     assert not procs.leftovers(), procs.leftovers()

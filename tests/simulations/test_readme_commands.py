@@ -146,6 +146,12 @@ def _fedge_checks(readme: str, assignments: list[str], args: list[str], out: str
             Check(readme, "--help", shlex.join([*fedge, sub, "--help"])),
             Check(readme, "smoke, 1 round", shlex.join([*fedge, sub, *smoke]), slow=True, real_run=True),
         ]
+    if sub in ("certs", "node-key"):  # writes credentials: as written, in a fresh folder
+        folder = shlex.quote(out)
+        script = f"mkdir -p {folder} && cd {folder} && " + shlex.join([*fedge, sub, *rest])
+        return [Check(readme, "as written, in a fresh folder", script)]
+    if sub == "deploy":  # starts long-lived processes (tests/deployment runs them): --help
+        return [Check(readme, "--help", shlex.join([*fedge, sub, *rest[:1], "--help"]))]
     if sub in ("scenarios", "prepare"):
         return [Check(readme, "as written", shlex.join([*fedge, sub, *rest]))]
     if sub in ("bench", "pretrain-imu"):  # long runs; pretrain-imu rewrites the shipped encoder
