@@ -92,11 +92,10 @@ def train(msg: Message, context: Context) -> Message:
     """A plain round (secure-aggregation = false): the server sees this device's update."""
     import numpy as np
 
-    from federation.aggregation import contribution
-
-    _, _, result, server_round = train_locally(msg, context)
-    # The upload is the device's contribution to the round's sum: weighted delta + weights.
-    upload = contribution(result.delta, result.metrics["num-examples"], rank=result.rank)
+    run, _, result, server_round = train_locally(msg, context)
+    # The upload is what the run's aggregation rule asks of a device (the default: its
+    # contribution to the round's sum, weighted delta + weights).
+    upload = run.rule.upload(result.delta, result.metrics["num-examples"], result.rank)
     arrays = ArrayRecord({k: _array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in upload.items()})
     metrics = dict(result.metrics)
     metrics["server-round"] = server_round

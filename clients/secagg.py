@@ -155,10 +155,10 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     # checked before training: a downgraded or replayed round costs the device nothing
     session, c_public, s_public = device_keys(params, int(config["sa-my-id"]), _expected(context))
     certified = _pki(context)
-    _, _, result, server_round = train_locally(msg, context)
+    run, _, result, server_round = train_locally(msg, context)
     shapes = {k: tuple(v.shape) for k, v in result.delta.items()}
     weight = int(result.metrics["num-examples"])
-    encoded = encode_update(result.delta, weight, shapes, params, rank=result.rank)
+    encoded = encode_update(run.rule, result.delta, weight, shapes, params, rank=result.rank)
     _save_session(context, session)
     context.state[ENCODED] = ArrayRecord({"x": Array(encoded)})
     keys = ConfigRecord({"c-pk": c_public, "s-pk": s_public})

@@ -21,7 +21,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from federation import aggregation
 from federation.checkpoint import load_checkpoint, save_checkpoint
 from federation.config import RunConfig
 from federation.data.common import stable_seed
@@ -241,18 +240,18 @@ class Federation:
     def upload_bytes(self, task: str) -> int:
         """What one device of `task` uploads: the masked vector packed to m bits per coordinate
         (m for a group of the round's devices of that task), or its float32 contribution."""
-        from federation.aggregation import expected_shapes
-        from federation.scenarios import DEVICE_TASK
+        from federation.rules import upload_size
         from federation.secagg.packing import packed_size
         from federation.secagg.protocol import required_modulus_bits
         from federation.secagg.vector import vector_length
 
         shapes = self.task_shapes(task)
         if self.run.secure_aggregation:
-            n = sum(k for c, k in self.run.scenario.per_round.items() if DEVICE_TASK[c] == task)
+            scenario = self.run.scenario
+            n = sum(k for c, k in scenario.per_round.items() if scenario.class_task(c) == task)
             m = required_modulus_bits(self.run.secagg_value_bits, max(n, 2), self.run.task_max_weight(task))
-            return packed_size(vector_length(shapes), m)
-        return 4 * sum(int(np.prod(s)) for s in expected_shapes(shapes).values())
+            return packed_size(vector_length(self.run.rule, shapes), m)
+        return 4 * upload_size(self.run.rule.layout(shapes))
 
     def choose(self, server_round: int) -> tuple[list[int], dict[str, Any]]:
         """The round's devices: by the simulated clock (eligibility, over-selection, deadline,
@@ -318,7 +317,8 @@ class Federation:
                 )
             )
             download += records[task].count_bytes()
-        total = aggregation.init()
+        rule = self.run.rule
+        total = rule.init()
         participants: dict[str, int] = {}
         losses: dict[str, list[float]] = {}
         upload, failures, rejected = 0, 0, 0
@@ -343,12 +343,12 @@ class Federation:
                 continue
             metrics = reply.content["metrics"]
             contrib = {f"{info.task}/{k}": v.numpy() for k, v in reply.content["arrays"].items()}
-            aggregation.add(total, contrib)
+            rule.add(total, contrib)
             upload += reply.content["arrays"].count_bytes()
             participants[info.device_class] = participants.get(info.device_class, 0) + 1
             losses.setdefault(info.task, []).append(float(metrics["train_loss"]))
             del contrib, reply  # folded into the running sum: memory does not grow with devices
-        self.state = aggregation.apply(total, self.state)
+        self.state = rule.update(self.state, rule.finalize(total), 1.0)
         missing = len(chosen) - sum(participants.values()) - failures - rejected
         return {
             "sampled": len(chosen),
@@ -374,7 +374,7 @@ class Federation:
             update = {k: v.numpy() for k, v in content["arrays"].items()}
         except Exception as exc:  # a hostile or corrupt array payload
             return f"unreadable arrays ({exc})"
-        return aggregation.validate_contribution(update, expected, self.run.max_weight)
+        return self.run.rule.check(update, expected, self.run.max_weight)
 
     # -- outputs ------------------------------------------------------------------------
     def write(self, entry: dict[str, Any]) -> None:

@@ -20,7 +20,6 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
-from federation import aggregation
 from federation.secagg.packing import unpack_residues
 from federation.secagg.protocol import Params, Reveal, SecAggAbort, ServerRound, member_ids, plan
 from federation.secagg.vector import check_plausible_sum, decode_total, vector_length
@@ -88,7 +87,7 @@ def plan_groups(fed: Federation, server_round: int, chosen: list[int]) -> list[G
                 server_round,
                 task,
                 len(nodes),
-                vector_length(fed.task_shapes(task)),
+                vector_length(run.rule, fed.task_shapes(task)),
                 clip=run.secagg_clip,
                 value_bits=run.secagg_value_bits,
                 max_weight=run.task_max_weight(task),
@@ -239,7 +238,8 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
             reject(node, "reveal", exc)
     lap("unmask")
 
-    total = aggregation.init()
+    rule = run.rule
+    total = rule.init()
     for group in all_groups:
         if _finish_group(fed, group, server_round, total):
             for pid in group.state.survivors:
@@ -247,7 +247,7 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
                 stats["participants"][device_class] = stats["participants"].get(device_class, 0) + 1
         else:
             stats["aborted"].append(group.task)
-    fed.state = aggregation.apply(total, fed.state)
+    fed.state = rule.update(fed.state, rule.finalize(total), 1.0)
     lap("reconstruct+decode")
     stats.update(
         {
@@ -262,14 +262,16 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
     return stats
 
 
-def _finish_group(fed: Federation, group: Group, server_round: int, total: aggregation.SumState) -> bool:
+def _finish_group(fed: Federation, group: Group, server_round: int, total: Any) -> bool:
     """Unmask, decode and check one group's sum; fold it into `total` or log why not (the global
     model of that task then stays as it was)."""
     state = group.state
     try:
         vector = state.finish()
-        decoded = decode_total(vector, fed.task_shapes(group.task), group.params)
-        weight = check_plausible_sum(decoded, fed.task_shapes(group.task), group.params, len(state.survivors))
+        rule = fed.run.rule
+        decoded = decode_total(rule, vector, fed.task_shapes(group.task), group.params)
+        survivors = len(state.survivors)
+        weight = check_plausible_sum(rule, decoded, fed.task_shapes(group.task), group.params, survivors)
     except SecAggAbort as exc:
         blame = f" (nodes at fault: {group.nodes_named(exc.blame)})" if exc.blame else ""
         log(WARNING, "fedge: round %d: %s update aborted, global %s model unchanged: %s%s",
@@ -285,7 +287,7 @@ def _finish_group(fed: Federation, group: Group, server_round: int, total: aggre
                 group.node_of.get(pid, -1),
                 what,
             )
-    aggregation.add(total, {f"{group.task}/{k}": v for k, v in decoded.items()})
+    fed.run.rule.add(total, {f"{group.task}/{k}": v for k, v in decoded.items()})  # the sum, added once
     log(INFO, "fedge: round %d %s: secure sum of %d devices (m=%d bits, degree %d, threshold %d, weight %g)",
         server_round, group.task, len(state.survivors), group.params.modulus_bits, group.params.degree,
         group.params.threshold, weight)  # fmt: skip

@@ -3,7 +3,7 @@
 `Federation` takes its Grid only to send messages; the check needs none, so a real `Federation`
 of the smoke scenario is built with `grid=None` (its global state and shapes are the real ones).
 Replies are built as the ClientApp builds them: `Message(RecordDict(...), reply_to=request)`
-carrying a *contribution* (weighted delta + `KEY#weight` weights, `federation.aggregation`);
+carrying a *contribution* (weighted delta + `KEY#weight` weights, `federation.rules.exact_mixed_rank`);
 one comes from the real ClientApp itself.
 """
 
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from federation.aggregation import WEIGHT, contribution, is_column_key
 from federation.config import RunConfig
 from federation.model.edge import task_slice
+from federation.rules.exact_mixed_rank import WEIGHT, contribution, is_column_key
 from server.loop import Federation
 
 ROUND = 3

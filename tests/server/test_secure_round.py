@@ -163,7 +163,7 @@ def test_secure_round_completes_through_the_real_handlers(
 
 
 def _contribution_shapes(fed: Federation) -> dict[str, tuple[int, ...]]:
-    from federation.aggregation import expected_shapes
+    from federation.rules.exact_mixed_rank import expected_shapes
 
     return expected_shapes(fed.task_shapes("sensor"))
 
