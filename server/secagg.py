@@ -24,9 +24,10 @@ from federation.secagg.packing import unpack_residues
 from federation.secagg.protocol import Params, Reveal, SecAggAbort, ServerRound, member_ids, plan
 from federation.secagg.vector import check_plausible_sum, decode_total, vector_length
 from server.messaging import send_and_stream
+from server.round import RoundResult
 
 if TYPE_CHECKING:
-    from server.loop import Federation
+    from server.loop import RunState
 
 KEYS, MASK, CHECK, UNMASK = (f"{MessageType.TRAIN}.secagg_{s}" for s in ("keys", "mask", "check", "unmask"))
 
@@ -63,7 +64,7 @@ def _failed(reply: Message, server_round: int, stage: str) -> bool:
     return True
 
 
-def plan_groups(fed: Federation, server_round: int, chosen: list[int]) -> list[Group]:
+def plan_groups(fed: RunState, server_round: int, chosen: list[int]) -> list[Group]:
     """One group per task among the chosen devices; a task below secagg-min-devices sits out."""
     run = fed.run
     ca_public = None
@@ -107,8 +108,8 @@ def plan_groups(fed: Federation, server_round: int, chosen: list[int]) -> list[G
     return groups
 
 
-def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) -> dict[str, Any]:
-    """A training round whose aggregate the server learns only as a sum."""
+def secure_train_round(fed: RunState, server_round: int, chosen: list[int]) -> RoundResult:
+    """A training round whose aggregate the server learns only as a sum (applied by the loop)."""
     run = fed.run
     all_groups = plan_groups(fed, server_round, chosen)
     groups = {node: group for group in all_groups for node in group.nodes}
@@ -247,22 +248,24 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
                 stats["participants"][device_class] = stats["participants"].get(device_class, 0) + 1
         else:
             stats["aborted"].append(group.task)
-    fed.state = rule.update(fed.state, rule.finalize(total), 1.0)
     lap("reconstruct+decode")
-    stats.update(
-        {
-            "sampled": len(chosen),
-            "upload_bytes": upload,
-            "download_bytes": download,
-            "train_loss": {t: float(np.mean(v)) for t, v in losses.items()},
-            "secure": True,
-            "secagg_stage_seconds": stage_seconds,
-        }
+    return RoundResult(
+        secure=True,
+        sampled=len(chosen),
+        participants=stats["participants"],
+        failures=stats["failures"],
+        rejected=stats["rejected"],
+        upload_bytes=upload,
+        download_bytes=download,
+        train_loss={t: float(np.mean(v)) for t, v in losses.items()},
+        aggregate=total,
+        vanished=stats["vanished"],
+        aborted=stats["aborted"],
+        secagg_stage_seconds=stage_seconds,
     )
-    return stats
 
 
-def _finish_group(fed: Federation, group: Group, server_round: int, total: Any) -> bool:
+def _finish_group(fed: RunState, group: Group, server_round: int, total: Any) -> bool:
     """Unmask, decode and check one group's sum; fold it into `total` or log why not (the global
     model of that task then stays as it was)."""
     state = group.state

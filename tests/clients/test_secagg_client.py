@@ -136,7 +136,7 @@ def _reveal(reply: Message) -> Reveal:
 def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     from server.loop import _record
 
-    return _record(task_slice(state, TASK))  # what Federation.task_record sends
+    return _record(task_slice(state, TASK))  # what RunState.task_record sends
 
 
 # ------------------------------------------------------------------------------- the whole round
