@@ -16,41 +16,15 @@ are cached per process.
 
 from __future__ import annotations
 
-import os
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-PRIVATE_KEY = "fedge.private"  # context.state key of a device's private part (never sent)
+from clients.device import PRIVATE_KEY, _array, _data, _setup, _stored_private, train_locally
+from clients.secagg import register_secure_handlers
+
+__all__ = ["PRIVATE_KEY", "app"]
 
 app = ClientApp()
-
-
-def _setup(context: Context):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import torch
-
-    from federation.config import RunConfig
-    from federation.fleet import device_from_node_config
-
-    run = RunConfig.parse(context.run_config)
-    torch.set_num_threads(run.client_threads)
-    device = device_from_node_config(context.node_config, run.scenario, run.seed, run.cache_dir)
-    return run, device
-
-
-def _data(run, device):
-    from federation.fleet import load_device_data
-
-    return load_device_data(device, run.seed, run.seq_len, run.cache_dir)
-
-
-def _stored_private(context: Context):
-    record = context.state.get(PRIVATE_KEY)
-    if isinstance(record, ArrayRecord) and "user" in record:
-        return record["user"].numpy()
-    return None
 
 
 @app.query()
@@ -68,35 +42,15 @@ def checkin(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"device": info}), reply_to=msg)
 
 
-def train_locally(msg: Message, context: Context):
-    """The round's local work, shared by plain and secure rounds: (run, device, result, round).
-
-    A TV's updated private part goes to the node's state here; it is never part of a reply.
-    """
-    from federation.local import local_train
-
-    run, device = _setup(context)
-    config = msg.content["config"]
-    server_round = int(config["server-round"])
-    if config.get("task") != device.task:
-        raise ValueError(f"server sent task {config.get('task')!r} to a {device.task} device")
-    shared = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    result = local_train(run, device, _data(run, device), shared, server_round, _stored_private(context))
-    if result.private is not None:
-        context.state[PRIVATE_KEY] = ArrayRecord({"user": _array(result.private)})
-    return run, device, result, server_round
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """A plain round (secure-aggregation = false): the server sees this device's update."""
     import numpy as np
 
-    from federation.aggregation import contribution
-
-    _, _, result, server_round = train_locally(msg, context)
-    # The upload is the device's contribution to the round's sum: weighted delta + weights.
-    upload = contribution(result.delta, result.metrics["num-examples"], rank=result.rank)
+    run, _, result, server_round = train_locally(msg, context)
+    # The upload is what the run's aggregation rule asks of a device (the default: its
+    # contribution to the round's sum, weighted delta + weights).
+    upload = run.rule.upload(result.delta, result.metrics["num-examples"], result.rank)
     arrays = ArrayRecord({k: _array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in upload.items()})
     metrics = dict(result.metrics)
     metrics["server-round"] = server_round
@@ -120,11 +74,4 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def _array(value):
-    from flwr.app import Array
-
-    return Array(value)
-
-
-# Secure-aggregation handlers (train.secagg_*) register on `app` when imported.
-from clients import secagg as _secagg  # noqa: E402, F401
+register_secure_handlers(app)  # train.secagg_*: the device's side of secure aggregation

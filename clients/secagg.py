@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
 
-from clients.client_app import _setup, app, train_locally
+from clients.device import _setup, train_locally
 
 SESSION = "fedge.secagg"  # context.state: this round's secrets and peers (device-local)
 ENCODED = "fedge.secagg.input"  # context.state: the encoded (unmasked) contribution
@@ -139,7 +140,6 @@ def _reply(msg: Message, server_round: int, **records: Any) -> Message:
     )
 
 
-@app.train("secagg_keys")
 def secagg_keys(msg: Message, context: Context) -> Message:
     """Step 1: check the round's parameters, train, encode the contribution (kept here), reply
     with two public keys (signed with the device's certified key under a PKI)."""
@@ -155,10 +155,10 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     # checked before training: a downgraded or replayed round costs the device nothing
     session, c_public, s_public = device_keys(params, int(config["sa-my-id"]), _expected(context))
     certified = _pki(context)
-    _, _, result, server_round = train_locally(msg, context)
+    run, _, result, server_round = train_locally(msg, context)
     shapes = {k: tuple(v.shape) for k, v in result.delta.items()}
     weight = int(result.metrics["num-examples"])
-    encoded = encode_update(result.delta, weight, shapes, params, rank=result.rank)
+    encoded = encode_update(run.rule, result.delta, weight, shapes, params, rank=result.rank)
     _save_session(context, session)
     context.state[ENCODED] = ArrayRecord({"x": Array(encoded)})
     keys = ConfigRecord({"c-pk": c_public, "s-pk": s_public})
@@ -188,7 +188,6 @@ def _simulated_dropout(context: Context, params: Any) -> bool:
     return draw < run.dropout_after_keys * 10_000
 
 
-@app.train("secagg_mask")
 def secagg_mask(msg: Message, context: Context) -> Message:
     """Step 2: check the neighbours' keys, seal shares of our self-mask seed for them, reply the
     masked vector packed to m bits per coordinate."""
@@ -233,7 +232,6 @@ def secagg_mask(msg: Message, context: Context) -> Message:
     return _reply(msg, params.server_round, shares=shares, masked=packed)
 
 
-@app.train("secagg_check")
 def secagg_check(msg: Message, context: Context) -> Message:
     """Step 3 (certified keys): check the announced survivor set and sign it (consistency check)."""
     from federation.secagg.protocol import ParameterError, device_endorse
@@ -250,7 +248,6 @@ def secagg_check(msg: Message, context: Context) -> Message:
     return _reply(msg, params.server_round, endorsement=ConfigRecord({"sig": signature}))
 
 
-@app.train("secagg_unmask")
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Last step: reveal survivors' seed shares and pairwise seeds with the vanished; then forget."""
     from federation.secagg.protocol import device_unmask
@@ -283,3 +280,15 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
         }
     )
     return _reply(msg, params.server_round, reveal=record)
+
+
+def register_secure_handlers(app: ClientApp) -> None:
+    """Register the secure-aggregation steps on `app` as train actions `train.secagg_*` (called
+    once, explicitly, by clients/client_app.py: no registration by import side effect)."""
+    for stage, handler in (
+        ("secagg_keys", secagg_keys),
+        ("secagg_mask", secagg_mask),
+        ("secagg_check", secagg_check),
+        ("secagg_unmask", secagg_unmask),
+    ):
+        app.train(stage)(handler)

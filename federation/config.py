@@ -16,6 +16,7 @@ from typing import Any
 from federation.defaults import run_defaults
 from federation.errors import FedgeError
 from federation.model.lora import LoraSettings
+from federation.rules import Rule, get_rule
 from federation.scenarios import Scenario, get_scenario
 from federation.training import TrainSettings
 
@@ -98,6 +99,7 @@ class RunConfig:
     initial_checkpoint: str
     local_steps: int  # 0: the scenario's steps per device class
     max_weight: float  # largest aggregation weight (examples) one device may claim in a round
+    aggregation: str  # the aggregation rule's name (federation/rules)
     secure_aggregation: bool  # the server learns only sums of updates (federation/secagg)
     secagg_clip: float  # updates are clipped to +-clip per coordinate before fixed-point encoding
     secagg_value_bits: int  # fixed-point bits per coordinate (sign included)
@@ -109,6 +111,11 @@ class RunConfig:
     device_clock: bool  # sample by simulated availability, over-select, deadline, dropouts
     bench_alternate: bool  # benchmarks only: odd rounds plain, even rounds secure (same run)
     uniform_rank: int  # 0: each device trains its tier's LoRA rank; r: every device trains rank r
+
+    @property
+    def rule(self) -> Rule:
+        """The run's aggregation rule (resolved at parse: an unknown name never gets here)."""
+        return get_rule(self.aggregation)
 
     def secure_round(self, server_round: int) -> bool:
         """Whether this round aggregates securely."""
@@ -168,6 +175,18 @@ class RunConfig:
             )
         except ValueError as exc:
             raise FedgeError(f"run config: {exc}") from None
+        aggregation = _get(cfg, "aggregation", str)
+        try:
+            rule = get_rule(aggregation)
+        except FedgeError as exc:
+            raise FedgeError(f"run config aggregation: {exc}: {source.fix('aggregation')}") from None
+        secure = _get(cfg, "secure-aggregation", bool)
+        if not rule.is_sum and (secure or _get(cfg, "bench-alternate", bool)):
+            raise FedgeError(
+                f"run config aggregation={aggregation!r} cannot run with secure aggregation: it is not a "
+                f"sum of device uploads ({rule.not_sum_reason}); set secure-aggregation = false "
+                f"(bench-alternate = false) or choose a sum rule: {source.fix('aggregation')}"
+            )
         return cls(
             scenario=scenario,
             rounds=rounds,
@@ -184,7 +203,8 @@ class RunConfig:
             initial_checkpoint=_get(cfg, "initial-checkpoint", str),
             local_steps=steps,
             max_weight=_get(cfg, "max-weight", float, "positive"),
-            secure_aggregation=_get(cfg, "secure-aggregation", bool),
+            aggregation=aggregation,
+            secure_aggregation=secure,
             secagg_clip=_get(cfg, "secagg-clip", float, "positive"),
             secagg_value_bits=_get(cfg, "secagg-value-bits", int, "positive"),
             dropout_after_keys=_get(cfg, "dropout-after-keys", float, "nonneg"),

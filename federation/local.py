@@ -6,7 +6,7 @@ one process as the no-framework limit. No Flower here.
 A device trains at its own LoRA rank r (its tier's, capped by the model's r_max): a rank-r task
 model computes with the whole global adapter but trains, and holds optimizer state for, only
 the first r columns of each B; its delta is returned zero-padded to r_max, ready for
-`federation.aggregation.contribution(delta, weight, rank=r)`. Evaluation uses the r_max model.
+`federation.rules.exact_mixed_rank.contribution(delta, weight, rank=r)`. Evaluation uses the r_max model.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from federation.aggregation import is_column_key
 from federation.config import RunConfig
 from federation.fleet import Device
 from federation.model.edge import TaskModel, cached_task_model
+from federation.rules.exact_mixed_rank import is_column_key
 from federation.tasks import get_task
 from federation.training import TrainSettings, round_seed
 

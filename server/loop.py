@@ -21,7 +21,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from federation import aggregation
 from federation.checkpoint import completed_rounds, load_checkpoint, save_checkpoint, write_metrics
 from federation.config import RunConfig
 from federation.data.common import stable_seed
@@ -30,6 +29,7 @@ from federation.metrics import PRIMARY_METRIC, add_sums, finalize
 from federation.model.edge import initial_state, task_slice
 from federation.tasks import get_task
 from server.messaging import send_and_stream
+from server.round import MetricsEntry, RoundResult
 
 NODE_WAIT_S = 30.0
 
@@ -137,8 +137,8 @@ def sample(
     return chosen
 
 
-class Federation:
-    """Server state of one run: global shared state, registry, outputs."""
+class RunState:
+    """The server's state of one run: global shared state, registry, simulated clock, outputs."""
 
     def __init__(
         self, grid: Grid, run: RunConfig, run_id: int = 0, run_config: Mapping[str, Any] | None = None
@@ -262,7 +262,7 @@ class Federation:
     def upload_bytes(self, task: str) -> int:
         """What one device of `task` uploads: the masked vector packed to m bits per coordinate
         (m for a group of the round's devices of that task), or its float32 contribution."""
-        from federation.aggregation import expected_shapes
+        from federation.rules import upload_size
         from federation.secagg.packing import packed_size
         from federation.secagg.protocol import required_modulus_bits
         from federation.secagg.vector import vector_length
@@ -272,8 +272,8 @@ class Federation:
             scenario = self.run.scenario
             n = sum(k for c, k in scenario.per_round.items() if scenario.class_task(c) == task)
             m = required_modulus_bits(self.run.secagg_value_bits, max(n, 2), self.run.task_max_weight(task))
-            return packed_size(vector_length(shapes), m)
-        return 4 * sum(int(np.prod(s)) for s in expected_shapes(shapes).values())
+            return packed_size(vector_length(self.run.rule, shapes), m)
+        return 4 * upload_size(self.run.rule.layout(shapes))
 
     def choose(self, server_round: int) -> tuple[list[int], dict[str, Any]]:
         """The round's devices: by the simulated clock (eligibility, over-selection, deadline,
@@ -315,17 +315,24 @@ class Federation:
         self.sim_time_s += plan.duration_s + self.run.scenario.round_interval_s
         return plan.kept, clock
 
-    def train_round(self, server_round: int) -> dict[str, Any]:
+    def train_round(self, server_round: int) -> RoundResult:
+        """One training round, plain or secure; the only place the global state is updated."""
         start = time.perf_counter()
         chosen, clock = self.choose(server_round)
         if self.run.secure_round(server_round):
             from server.secagg import secure_train_round
 
-            stats = secure_train_round(self, server_round, chosen)
-            stats["train_wall_seconds"] = time.perf_counter() - start
-            if clock:
-                stats["clock"] = clock
-            return stats
+            result = secure_train_round(self, server_round, chosen)
+        else:
+            result = self.plain_train_round(server_round, chosen)
+        rule = self.run.rule
+        self.state = rule.update(self.state, rule.finalize(result.aggregate), 1.0)
+        result.clock = clock or None
+        result.train_wall_seconds = time.perf_counter() - start
+        return result
+
+    def plain_train_round(self, server_round: int, chosen: list[int]) -> RoundResult:
+        """A round without secure aggregation: every device's upload reaches the server."""
         records = {t: _record(task_slice(self.state, t)) for t in self.tasks}
         messages, download = [], 0
         for node in chosen:
@@ -339,7 +346,8 @@ class Federation:
                 )
             )
             download += records[task].count_bytes()
-        total = aggregation.init()
+        rule = self.run.rule
+        total = rule.init()
         participants: dict[str, int] = {}
         losses: dict[str, list[float]] = {}
         upload, failures, rejected = 0, 0, 0
@@ -364,24 +372,23 @@ class Federation:
                 continue
             metrics = reply.content["metrics"]
             contrib = {f"{info.task}/{k}": v.numpy() for k, v in reply.content["arrays"].items()}
-            aggregation.add(total, contrib)
+            rule.add(total, contrib)
             upload += reply.content["arrays"].count_bytes()
             participants[info.device_class] = participants.get(info.device_class, 0) + 1
             losses.setdefault(info.task, []).append(float(metrics["train_loss"]))
             del contrib, reply  # folded into the running sum: memory does not grow with devices
-        self.state = aggregation.apply(total, self.state)
         missing = len(chosen) - sum(participants.values()) - failures - rejected
-        return {
-            "sampled": len(chosen),
-            "participants": participants,
-            "failures": failures + max(missing, 0),
-            "rejected": rejected,
-            "upload_bytes": upload,
-            "download_bytes": download,
-            "train_loss": {t: float(np.mean(v)) for t, v in losses.items()},
-            "train_wall_seconds": time.perf_counter() - start,
-            **({"clock": clock} if clock else {}),
-        }
+        return RoundResult(
+            secure=False,
+            sampled=len(chosen),
+            participants=participants,
+            failures=failures + max(missing, 0),
+            rejected=rejected,
+            upload_bytes=upload,
+            download_bytes=download,
+            train_loss={t: float(np.mean(v)) for t, v in losses.items()},
+            aggregate=total,
+        )
 
     def _check_reply(self, reply: Message, task: str, server_round: int) -> str | None:
         content = reply.content
@@ -395,10 +402,12 @@ class Federation:
             update = {k: v.numpy() for k, v in content["arrays"].items()}
         except Exception as exc:  # a hostile or corrupt array payload
             return f"unreadable arrays ({exc})"
-        return aggregation.validate_contribution(update, expected, self.run.max_weight)
+        return self.run.rule.check(update, expected, self.run.max_weight)
 
     # -- outputs ------------------------------------------------------------------------
-    def write(self, entry: dict[str, Any]) -> None:
+    def write(self, record: MetricsEntry) -> None:
+        """Append one line to metrics.jsonl (serialised from `record`) and checkpoint the state."""
+        entry = record.to_json()
         self.history.append(entry)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -435,7 +444,7 @@ class Federation:
 
 def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -> Path:
     run = RunConfig.parse(run_config)
-    fed = Federation(grid, run, run_id, run_config)
+    fed = RunState(grid, run, run_id, run_config)
     if not run.secure_aggregation:
         log(WARNING, "fedge: secure-aggregation = false: the server sees every device's individual update")
     elif run.secagg_pki:  # fail at start, not in round 1, when the CA's public key is missing
@@ -463,28 +472,23 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
     last = run.rounds
     if fed.start_round == 1:
         start = time.perf_counter()
-        entry = {
-            "round": 0,
-            "eval": fed.evaluate_server(),
-            "federated": fed.evaluate_federated(
-                0, fed.personalised_tasks() if run.federated_eval_every >= 0 else ()
-            ),
-        }
-        entry.update({"wall_seconds": time.perf_counter() - start, "devices": counts})
-        fed.write(entry)
-        fed.log_round(entry)
+        evaluated = fed.evaluate_server()
+        personalised = fed.personalised_tasks() if run.federated_eval_every >= 0 else ()
+        federated = fed.evaluate_federated(0, personalised)
+        fed.write(MetricsEntry(0, evaluated, federated, time.perf_counter() - start, devices=counts))
+        fed.log_round(fed.history[-1])
     for server_round in range(fed.start_round, last + 1):
         start = time.perf_counter()
-        entry = {"round": server_round, **fed.train_round(server_round)}
-        entry["eval"] = fed.evaluate_server()
+        result = fed.train_round(server_round)
+        evaluated = fed.evaluate_server()
         every = run.federated_eval_every
+        federated: dict[str, dict[str, float]] = {}
         if server_round == last and every >= 0:
-            entry["federated"] = fed.evaluate_federated(server_round, fed.tasks)
+            federated = fed.evaluate_federated(server_round, fed.tasks)
         elif every > 0 and server_round % every == 0 and fed.personalised_tasks():
-            entry["federated"] = fed.evaluate_federated(server_round, fed.personalised_tasks())
-        entry["wall_seconds"] = time.perf_counter() - start
-        fed.write(entry)
-        fed.log_round(entry)
+            federated = fed.evaluate_federated(server_round, fed.personalised_tasks())
+        fed.write(MetricsEntry(server_round, evaluated, federated, time.perf_counter() - start, train=result))
+        fed.log_round(fed.history[-1])
     from server.report import write_report
 
     write_report(fed)

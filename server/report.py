@@ -14,7 +14,7 @@ from federation.model.edge import task_slice
 from federation.tasks import get_task
 
 if TYPE_CHECKING:
-    from server.loop import Federation
+    from server.loop import RunState
 
 
 def _metric_at(entry: dict[str, Any], task: str) -> tuple[float | None, str]:
@@ -27,7 +27,7 @@ def _metric_at(entry: dict[str, Any], task: str) -> tuple[float | None, str]:
     return None, ""
 
 
-def baselines(fed: Federation, task: str) -> dict[str, dict[str, float]]:
+def baselines(fed: RunState, task: str) -> dict[str, dict[str, float]]:
     """The task's simple baselines on the same held-out data the model is scored on."""
     from federation.evaluation import fleet_devices, held_out
     from federation.fleet import load_device_data
@@ -39,7 +39,7 @@ def baselines(fed: Federation, task: str) -> dict[str, dict[str, float]]:
     return get_task(task).baselines(data, test)
 
 
-def export_adapters(fed: Federation, directory: Path) -> None:
+def export_adapters(fed: RunState, directory: Path) -> None:
     """adapter/<task>/: PEFT adapter (save_pretrained) + head.safetensors of the final state."""
     from safetensors.numpy import save_file
 
@@ -55,7 +55,7 @@ def export_adapters(fed: Federation, directory: Path) -> None:
         save_file(head, str(target / "head.safetensors"))
 
 
-def plot(fed: Federation, directory: Path) -> None:
+def plot(fed: RunState, directory: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,7 +83,7 @@ def plot(fed: Federation, directory: Path) -> None:
         plot_clock(fed, clocked, directory, plt)
 
 
-def plot_clock(fed: Federation, clocked: list[dict[str, Any]], directory: Path, plt: Any) -> None:
+def plot_clock(fed: RunState, clocked: list[dict[str, Any]], directory: Path, plt: Any) -> None:
     """Participation per device class, and each class's task metric, over simulated time."""
     hours = [e["clock"]["sim_time_s"] / 3600.0 for e in clocked]
     classes = sorted({c for e in clocked for c in e["clock"]["per_class"]})
@@ -116,7 +116,7 @@ def plot_clock(fed: Federation, clocked: list[dict[str, Any]], directory: Path, 
     plt.close(fig)
 
 
-def write_report(fed: Federation) -> dict[str, Any]:
+def write_report(fed: RunState) -> dict[str, Any]:
     tasks: dict[str, Any] = {}
     first = next((e for e in fed.history if e["round"] == 0), fed.history[0] if fed.history else {})
     last = fed.history[-1] if fed.history else {}

@@ -20,14 +20,14 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
-from federation import aggregation
 from federation.secagg.packing import unpack_residues
 from federation.secagg.protocol import Params, Reveal, SecAggAbort, ServerRound, member_ids, plan
 from federation.secagg.vector import check_plausible_sum, decode_total, vector_length
 from server.messaging import send_and_stream
+from server.round import RoundResult
 
 if TYPE_CHECKING:
-    from server.loop import Federation
+    from server.loop import RunState
 
 KEYS, MASK, CHECK, UNMASK = (f"{MessageType.TRAIN}.secagg_{s}" for s in ("keys", "mask", "check", "unmask"))
 
@@ -64,7 +64,7 @@ def _failed(reply: Message, server_round: int, stage: str) -> bool:
     return True
 
 
-def plan_groups(fed: Federation, server_round: int, chosen: list[int]) -> list[Group]:
+def plan_groups(fed: RunState, server_round: int, chosen: list[int]) -> list[Group]:
     """One group per task among the chosen devices; a task below secagg-min-devices sits out."""
     run = fed.run
     ca_public = None
@@ -88,7 +88,7 @@ def plan_groups(fed: Federation, server_round: int, chosen: list[int]) -> list[G
                 server_round,
                 task,
                 len(nodes),
-                vector_length(fed.task_shapes(task)),
+                vector_length(run.rule, fed.task_shapes(task)),
                 clip=run.secagg_clip,
                 value_bits=run.secagg_value_bits,
                 max_weight=run.task_max_weight(task),
@@ -108,8 +108,8 @@ def plan_groups(fed: Federation, server_round: int, chosen: list[int]) -> list[G
     return groups
 
 
-def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) -> dict[str, Any]:
-    """A training round whose aggregate the server learns only as a sum."""
+def secure_train_round(fed: RunState, server_round: int, chosen: list[int]) -> RoundResult:
+    """A training round whose aggregate the server learns only as a sum (applied by the loop)."""
     run = fed.run
     all_groups = plan_groups(fed, server_round, chosen)
     groups = {node: group for group in all_groups for node in group.nodes}
@@ -239,7 +239,8 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
             reject(node, "reveal", exc)
     lap("unmask")
 
-    total = aggregation.init()
+    rule = run.rule
+    total = rule.init()
     for group in all_groups:
         if _finish_group(fed, group, server_round, total):
             for pid in group.state.survivors:
@@ -247,29 +248,33 @@ def secure_train_round(fed: Federation, server_round: int, chosen: list[int]) ->
                 stats["participants"][device_class] = stats["participants"].get(device_class, 0) + 1
         else:
             stats["aborted"].append(group.task)
-    fed.state = aggregation.apply(total, fed.state)
     lap("reconstruct+decode")
-    stats.update(
-        {
-            "sampled": len(chosen),
-            "upload_bytes": upload,
-            "download_bytes": download,
-            "train_loss": {t: float(np.mean(v)) for t, v in losses.items()},
-            "secure": True,
-            "secagg_stage_seconds": stage_seconds,
-        }
+    return RoundResult(
+        secure=True,
+        sampled=len(chosen),
+        participants=stats["participants"],
+        failures=stats["failures"],
+        rejected=stats["rejected"],
+        upload_bytes=upload,
+        download_bytes=download,
+        train_loss={t: float(np.mean(v)) for t, v in losses.items()},
+        aggregate=total,
+        vanished=stats["vanished"],
+        aborted=stats["aborted"],
+        secagg_stage_seconds=stage_seconds,
     )
-    return stats
 
 
-def _finish_group(fed: Federation, group: Group, server_round: int, total: aggregation.SumState) -> bool:
+def _finish_group(fed: RunState, group: Group, server_round: int, total: Any) -> bool:
     """Unmask, decode and check one group's sum; fold it into `total` or log why not (the global
     model of that task then stays as it was)."""
     state = group.state
     try:
         vector = state.finish()
-        decoded = decode_total(vector, fed.task_shapes(group.task), group.params)
-        weight = check_plausible_sum(decoded, fed.task_shapes(group.task), group.params, len(state.survivors))
+        rule = fed.run.rule
+        decoded = decode_total(rule, vector, fed.task_shapes(group.task), group.params)
+        survivors = len(state.survivors)
+        weight = check_plausible_sum(rule, decoded, fed.task_shapes(group.task), group.params, survivors)
     except SecAggAbort as exc:
         blame = f" (nodes at fault: {group.nodes_named(exc.blame)})" if exc.blame else ""
         log(WARNING, "fedge: round %d: %s update aborted, global %s model unchanged: %s%s",
@@ -285,7 +290,7 @@ def _finish_group(fed: Federation, group: Group, server_round: int, total: aggre
                 group.node_of.get(pid, -1),
                 what,
             )
-    aggregation.add(total, {f"{group.task}/{k}": v for k, v in decoded.items()})
+    fed.run.rule.add(total, {f"{group.task}/{k}": v for k, v in decoded.items()})  # the sum, added once
     log(INFO, "fedge: round %d %s: secure sum of %d devices (m=%d bits, degree %d, threshold %d, weight %g)",
         server_round, group.task, len(state.survivors), group.params.modulus_bits, group.params.degree,
         group.params.threshold, weight)  # fmt: skip

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from federation.defaults import run_default  # the one place run defaults are written: pyproject
 from federation.errors import FedgeError
 
 if TYPE_CHECKING:
@@ -179,9 +180,11 @@ def simulate_scenario(
 
 @app.command()
 def simulate(
-    scenario: Annotated[str, typer.Option(help="named scenario (fedge scenarios)")] = "smart-home",
+    scenario: Annotated[str, typer.Option(help="named scenario (fedge scenarios)")] = run_default("scenario"),
     rounds: Annotated[int | None, typer.Option(help="rounds (default: the scenario's)")] = None,
-    seed: Annotated[int, typer.Option(help="seed for data splits, sampling and model init")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="seed for data splits, sampling and model init")
+    ] = run_default("seed"),
     out: Annotated[
         Path | None, typer.Option(help="output folder (default results/<scenario>/<timestamp>)")
     ] = None,
@@ -293,7 +296,7 @@ def pretrain_imu(seed: int = 0, epochs: int = 30) -> None:
 def deploy_local_cmd(
     scenario: Annotated[str, typer.Option(help="named scenario: one SuperNode per device")] = "smoke",
     rounds: Annotated[int | None, typer.Option(help="rounds (default: the scenario's)")] = None,
-    seed: int = 0,
+    seed: int = run_default("seed"),
     out: Annotated[Path | None, typer.Option(help="output folder")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     insecure: Annotated[

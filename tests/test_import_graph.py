@@ -11,9 +11,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("federation", "clients", "server", "simulations")
-# The one loop left goes through the secure-aggregation modules, being reworked separately
-# (issue 8, item 4): clients/secagg.py registers its handlers on the app by import side effect.
-KNOWN_LOOPS = {frozenset({"clients.client_app", "clients.secagg"})}
 
 
 def _module_name(path: Path) -> str:
@@ -89,8 +86,8 @@ def _loops(graph: dict[str, set[str]]) -> list[set[str]]:
     return components
 
 
-def test_no_import_loops_outside_the_secure_aggregation_rework() -> None:
-    loops = [loop for loop in _loops(_graph()) if frozenset(loop) not in KNOWN_LOOPS]
+def test_no_import_loops() -> None:
+    loops = _loops(_graph())
     assert not loops, f"import loops: {[sorted(loop) for loop in loops]}"
 
 

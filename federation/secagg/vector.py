@@ -1,10 +1,12 @@
 """A device's contribution as one fixed-point vector, and the server's decoding of the sum.
 
-Layout: the keys of `aggregation.expected_shapes(shapes)` in sorted order, flattened. Values
-(deltas of LoRA B and heads) are clipped, stochastically rounded and multiplied by the device's
-integer weight (its examples) inside the encoding; the weights themselves (`KEY#weight`) are
-exact integers. So the server learns sum_k w_k x_k and sum_k w_k, never a device's weight.
-`check_plausible_sum` then checks what every honest sum satisfies (hostile devices).
+Layout: what the run's aggregation rule declares it uploads (`Rule.layout`: keys, shapes, which
+entries are weights and which weights stand behind each value), in sorted key order, flattened.
+Values (a slot holding the device's weight times its delta) are clipped, stochastically rounded
+and multiplied by the device's integer weight (its examples) inside the encoding; weights are
+exact integers. So the server learns sum_k w_k x_k and sum_k w_k, never a device's weight. Only a
+rule that is a sum of uploads (`Rule.is_sum`) can be encoded. `check_plausible_sum` then checks
+what every honest sum satisfies (hostile devices).
 """
 
 from __future__ import annotations
@@ -13,16 +15,24 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from federation.aggregation import WEIGHT, contribution, expected_shapes
+from federation.rules.base import Rule, Slot
 from federation.secagg.protocol import Params, SecAggAbort
 from federation.secagg.quantize import decode_signed, decode_sum, encode, encode_integers
 
 
-def vector_length(shapes: Mapping[str, tuple[int, ...]]) -> int:
-    return sum(int(np.prod(s)) for s in expected_shapes(shapes).values())
+def secure_layout(rule: Rule, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Slot]:
+    """The rule's upload layout for a task of these state shapes, if secure aggregation can carry it."""
+    if not rule.is_sum:
+        raise ValueError(f"aggregation rule {rule.name!r} is not a sum: {rule.not_sum_reason}")
+    return dict(sorted(rule.layout(shapes).items()))
+
+
+def vector_length(rule: Rule, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    return sum(int(np.prod(slot.shape)) for slot in secure_layout(rule, shapes).values())
 
 
 def encode_update(
+    rule: Rule,
     delta: Mapping[str, np.ndarray],
     weight: int,
     shapes: Mapping[str, tuple[int, ...]],
@@ -32,15 +42,15 @@ def encode_update(
     """The device's contribution, encoded in Z_(2^m) (uint64), ready to be masked."""
     if not 0 < weight <= params.max_weight:
         raise ValueError(f"weight {weight} is outside (0, {params.max_weight}]: it could wrap the sum")
-    weights = contribution(delta, float(weight), rank)  # the `#weight` entries (and checks ranks)
+    upload = rule.upload(delta, float(weight), rank)  # the weights entries (and the rank checks)
     parts = []
-    for key in sorted(expected_shapes(shapes)):
-        if key.endswith(WEIGHT):
-            parts.append(encode_integers(np.rint(weights[key]).astype(np.int64).ravel(), params.modulus_bits))
+    for key, slot in secure_layout(rule, shapes).items():
+        if slot.weights:
+            parts.append(encode_integers(np.rint(upload[key]).astype(np.int64).ravel(), params.modulus_bits))
         else:
             value = np.asarray(delta[key], dtype=np.float64)
-            if value.shape != tuple(shapes[key]):
-                raise ValueError(f"{key} has shape {value.shape}, expected {tuple(shapes[key])}")
+            if value.shape != tuple(slot.shape):
+                raise ValueError(f"{key} has shape {value.shape}, expected {tuple(slot.shape)}")
             parts.append(
                 encode(value.ravel(), params.clip, params.value_bits, params.modulus_bits, weight=int(weight))
             )
@@ -51,19 +61,20 @@ def encode_update(
 
 
 def decode_total(
-    vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]], params: Params
+    rule: Rule, vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]], params: Params
 ) -> dict[str, np.ndarray]:
-    """The decoded sum as an aggregation contribution (sum of w x, and sum of w per key)."""
+    """The decoded sum as one of the rule's uploads (sum of w x, and sum of w per key)."""
     out: dict[str, np.ndarray] = {}
     offset = 0
-    for key, shape in sorted(expected_shapes(shapes).items()):
-        size = int(np.prod(shape))
+    for key, slot in secure_layout(rule, shapes).items():
+        size = int(np.prod(slot.shape))
         chunk = vector[offset : offset + size]
         offset += size
-        if key.endswith(WEIGHT):
-            out[key] = decode_signed(chunk, params.modulus_bits).astype(np.float64).reshape(shape)
+        if slot.weights:
+            out[key] = decode_signed(chunk, params.modulus_bits).astype(np.float64).reshape(slot.shape)
         else:
-            out[key] = decode_sum(chunk, params.clip, params.value_bits, params.modulus_bits).reshape(shape)
+            total = decode_sum(chunk, params.clip, params.value_bits, params.modulus_bits)
+            out[key] = total.reshape(slot.shape)
     return out
 
 
@@ -72,16 +83,20 @@ class ImplausibleSumError(SecAggAbort):
 
 
 def check_plausible_sum(
-    decoded: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]], params: Params, devices: int
+    rule: Rule,
+    decoded: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    params: Params,
+    devices: int,
 ) -> float:
     """What every sum of `devices` honest contributions satisfies; raise ImplausibleSumError, naming
     the check, when this one does not. Returns the total weight W.
 
-    Honest device k contributes weight w_k in 1..max_weight to every head key and to the first
-    r_k >= 1 columns of every LoRA B, and w_k * q with |q| <= clip * scale to each coordinate
-    (clipping happens before rounding, so the bound is exact). Hence:
-    - weights: every head weight and column 0 of every B equal W; B's column weights never
-      increase along the columns and stay in [0, W];
+    Honest device k puts its weight w_k in 1..max_weight on a prefix (at least the first entry) of
+    every weights slot of the rule's layout, 0 on the rest, and w_k * q with |q| <= clip * scale in
+    each value coordinate (clipping happens before rounding, so the bound is exact). Hence:
+    - weights: the first entry of every weights slot equals W; entries never increase along a
+      slot and stay in [0, W];
     - total: devices <= W <= devices * max_weight;
     - values: |sum| <= clip * (the weight behind that entry), coordinate by coordinate.
     Without proofs of bounded input (ACORN, Bell et al., USENIX Security 2023; RoFL, Lycklama
@@ -89,15 +104,11 @@ def check_plausible_sum(
     bounds: these checks catch garbage (huge values, negative or inflated weights, a bogus
     revealed seed), not a careful poisoner (docs/secure-aggregation.md, "Hostile devices").
     """
-    head_weights: dict[str, float] = {}
-    column_weights: dict[str, np.ndarray] = {}
-    for key in shapes:
-        w = np.asarray(decoded[key + WEIGHT], dtype=np.float64).ravel()
-        if ".lora_B." in key:
-            column_weights[key] = w
-        else:
-            head_weights[key] = float(w[0])
-    firsts = set(head_weights.values()) | {float(w[0]) for w in column_weights.values()}
+    layout = secure_layout(rule, shapes)
+    weights = {
+        k: np.asarray(decoded[k], dtype=np.float64).ravel() for k, slot in layout.items() if slot.weights
+    }
+    firsts = {float(w[0]) for w in weights.values()}
     if len(firsts) != 1:
         raise ImplausibleSumError(
             f"weights inconsistent across keys (weights-consistent): {sorted(firsts)[:4]}"
@@ -108,16 +119,21 @@ def check_plausible_sum(
             f"total weight {total:g} outside [{devices}, {devices * params.max_weight}] for {devices} "
             "devices (weight-range)"
         )
-    for key, w in column_weights.items():
+    for key, w in weights.items():
         if np.any(w < 0) or np.any(w > total) or np.any(np.diff(w) > 0):
             raise ImplausibleSumError(f"{key}: column weights are not a non-increasing profile in [0, W]")
     slack = 1.0 + 1e-9  # float64 rounding of the decode, nothing more: the bound itself is exact
-    for key in shapes:
+    for key, slot in layout.items():
+        if slot.weights:
+            continue
         value = np.abs(np.asarray(decoded[key], dtype=np.float64))
-        if key in column_weights:
-            limit = params.clip * column_weights[key].reshape((1, -1) + (1,) * (value.ndim - 2))
+        behind = weights[slot.weighted_by]
+        if slot.axis is None:
+            limit = params.clip * behind[0]
         else:
-            limit = np.float64(params.clip * total)
+            view = [1] * value.ndim
+            view[slot.axis] = -1
+            limit = params.clip * behind.reshape(view)
         if np.any(value > limit * slack):
             worst = float(np.max(value - limit))
             raise ImplausibleSumError(

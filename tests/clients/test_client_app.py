@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from federation import aggregation
-from federation.aggregation import WEIGHT, is_column_key
 from federation.config import RunConfig
 from federation.data.sensor import N_CLASSES
 from federation.fleet import device_for_partition, load_device_data
 from federation.model.edge import initial_state, task_slice
+from federation.rules import exact_mixed_rank
+from federation.rules.exact_mixed_rank import WEIGHT, is_column_key
 from federation.scenarios import get_scenario
 from federation.training import AUC_BINS
 
@@ -110,7 +110,7 @@ def _check_train_reply(
     # what the server checks before aggregating
     shapes = {k: v.shape for k, v in expected.items()}
     run = RunConfig.parse(RUN_CONFIG)
-    assert aggregation.validate_contribution(upload, shapes, run.max_weight) is None
+    assert exact_mixed_rank.validate_contribution(upload, shapes, run.max_weight) is None
     return delta
 
 

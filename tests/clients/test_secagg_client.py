@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from federation import aggregation
 from federation.config import RunConfig
 from federation.fleet import device_from_node_config, load_device_data
 from federation.model.edge import initial_state, task_slice
+from federation.rules import exact_mixed_rank
 from federation.scenarios import fleet_order, get_scenario
 from federation.secagg import quantization_error_bound
 from federation.secagg.packing import packed_size, unpack_residues
@@ -38,6 +38,8 @@ from federation.secagg.protocol import (
 )
 from federation.secagg.vector import decode_total, vector_length
 from server.secagg import KEYS, MASK, UNMASK, _message
+
+RULE = exact_mixed_rank.RULE
 
 RUN_CONFIG: dict[str, Any] = {"scenario": "smart-home", "local-steps": 2}
 PARTITIONS = (2, 5, 8)  # smart-home fleet order: phone, tv, sensor, phone, tv, sensor, phone, tv, sensor
@@ -75,7 +77,7 @@ def _plan(run: RunConfig, shapes: dict[str, tuple[int, ...]], n: int, server_rou
         server_round,
         TASK,
         n,
-        vector_length(shapes),
+        vector_length(RULE, shapes),
         clip=run.secagg_clip,
         value_bits=run.secagg_value_bits,
         max_weight=run.task_max_weight(TASK),
@@ -134,7 +136,7 @@ def _reveal(reply: Message) -> Reveal:
 def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     from server.loop import _record
 
-    return _record(task_slice(state, TASK))  # what Federation.task_record sends
+    return _record(task_slice(state, TASK))  # what RunState.task_record sends
 
 
 # ------------------------------------------------------------------------------- the whole round
@@ -209,7 +211,7 @@ def secure_round(app, run: RunConfig, global_state: dict[str, np.ndarray]) -> Se
         server.add_reveal(pid, _reveal(reply))
 
     total = server.finish()
-    decoded = decode_total(total, shapes, params)
+    decoded = decode_total(RULE, total, shapes, params)
     return SecureRound(
         params, shapes, contexts, ids, key_replies, mask_replies, unmask_replies, encoded,
         after_keys, after_mask, self_seeds, total, decoded,
@@ -298,8 +300,8 @@ def test_decoded_sum_matches_local_training(
         weight = int(result.metrics["num-examples"])
         weights.append(weight)
         ranks.append(result.rank)
-        for key, value in aggregation.contribution(result.delta, float(weight), result.rank).items():
-            if key.endswith(aggregation.WEIGHT):
+        for key, value in exact_mixed_rank.contribution(result.delta, float(weight), result.rank).items():
+            if key.endswith(exact_mixed_rank.WEIGHT):
                 add = value.astype(np.float64)
             else:
                 add = (
@@ -313,11 +315,11 @@ def test_decoded_sum_matches_local_training(
         run.secagg_clip, run.secagg_value_bits, len(weights), max_weight=max(weights)
     )
     for key, value in decoded.items():
-        if key.endswith(aggregation.WEIGHT):
+        if key.endswith(exact_mixed_rank.WEIGHT):
             np.testing.assert_array_equal(value, expected[key], err_msg=key)
         else:
             assert np.max(np.abs(value - expected[key])) <= bound, key
-    trained = [np.abs(decoded[k]).max() for k in secure_round.shapes if aggregation.is_column_key(k)]
+    trained = [np.abs(decoded[k]).max() for k in secure_round.shapes if exact_mixed_rank.is_column_key(k)]
     assert all(m > 0 for m in trained)  # a real LoRA update went through
 
 

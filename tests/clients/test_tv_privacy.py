@@ -3,8 +3,8 @@
 Four TV nodes of the `smoke` fleet run fedge's real ClientApp in-process behind a loopback
 `Grid` (below) that hands each message to the addressed node's ClientApp and keeps the reply.
 The real ServerApp code drives them: check-in (`check_in`), a secure round
-(`secure_train_round`: keys + training, masks, unmask), a plain round (`Federation.train_round`)
-and on-device evaluation (`Federation.evaluate_federated`). Then every reply is checked:
+(`secure_train_round`: keys + training, masks, unmask), a plain round (`RunState.train_round`)
+and on-device evaluation (`RunState.evaluate_federated`). Then every reply is checked:
 
 - its exact records and keys (the table below is the wire contract a reply may carry; a new
   field must be added here on purpose), and
@@ -177,7 +177,7 @@ def private_leaks(content: RecordDict, wire: bytes, private: np.ndarray) -> list
 @pytest.fixture(scope="module")
 def tv_rounds(app: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[LoopbackGrid, dict[str, Any]]:
     from clients.client_app import PRIVATE_KEY
-    from server.loop import Federation, check_in
+    from server.loop import RunState, check_in
     from server.secagg import secure_train_round
 
     run_config = {
@@ -201,7 +201,7 @@ def tv_rounds(app: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[Loopb
         for p in tvs
     }
     grid = LoopbackGrid(app, contexts, PRIVATE_KEY)
-    fed = Federation(grid, run, RUN_ID)
+    fed = RunState(grid, run, RUN_ID)
     nodes = sorted(contexts)
     check_in(grid, fed.registry, nodes, timeout=60)
     results: dict[str, Any] = {"secure": secure_train_round(fed, 1, nodes)}
@@ -219,8 +219,8 @@ def test_every_handler_ran_and_succeeded(tv_rounds: tuple[LoopbackGrid, dict[str
     grid, results = tv_rounds
     assert {kind for kind, _, _ in grid.log} == set(EXPECTED_REPLY)
     assert not [(kind, node) for kind, node, reply in grid.log if reply.has_error()]
-    assert results["secure"]["participants"] == {"tv": len(grid.contexts)}
-    assert results["secure"]["aborted"] == [] and results["plain"]["participants"]
+    assert results["secure"].participants == {"tv": len(grid.contexts)}
+    assert results["secure"].aborted == [] and results["plain"].participants
     assert results["federated"]["tv"]["examples"] > 0
     # every TV holds a private part, and it moved in training
     assert all(isinstance(c.state.get("fedge.private"), ArrayRecord) for c in grid.contexts.values())

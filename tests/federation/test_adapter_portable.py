@@ -54,13 +54,13 @@ def documented_script() -> str:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunConfig, dict[str, np.ndarray]]:
-    """adapter/ of a Federation whose phone state is non-zero (B and head), by the real exporter."""
-    from server.loop import Federation
+    """adapter/ of a RunState whose phone state is non-zero (B and head), by the real exporter."""
+    from server.loop import RunState
     from server.report import export_adapters
 
     run_dir = tmp_path_factory.mktemp("run")
     run = RunConfig.parse({"scenario": "smoke", "out-dir": str(run_dir)})
-    fed = Federation(None, run)  # type: ignore[arg-type]
+    fed = RunState(None, run)  # type: ignore[arg-type]
     gen = np.random.default_rng(7)
     for key, value in task_slice(fed.state, "phone").items():
         fed.state[f"phone/{key}"] = (0.1 * gen.standard_normal(value.shape)).astype(value.dtype)

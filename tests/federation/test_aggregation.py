@@ -1,4 +1,5 @@
-"""The aggregation rule (`federation.aggregation`) and summed metrics (`federation.metrics`).
+"""The default aggregation rule (`exact-mixed-rank`, through `federation.rules.get_rule`) and
+summed metrics (`federation.metrics`).
 
 Devices upload *contributions* (weighted delta + `KEY#weight` weights); the server `add`s them
 and `apply`s the sum. Every expectation is computed independently by hand with numpy (or with
@@ -14,9 +15,12 @@ import math
 import numpy as np
 import pytest
 
-from federation import aggregation, metrics
-from federation.aggregation import WEIGHT
+from federation import metrics
 from federation.data import baselines
+from federation.rules import get_rule
+from federation.rules.exact_mixed_rank import WEIGHT
+
+RULE = get_rule("exact-mixed-rank")  # every test goes through the rule interface
 
 # ------------------------------------------------------------------------------- aggregation
 
@@ -51,16 +55,16 @@ def _updates() -> list[tuple[dict[str, np.ndarray], float]]:
 
 
 def _aggregate(updates: list[tuple[dict[str, np.ndarray], float]]) -> dict[str, np.ndarray]:
-    state = aggregation.init()
+    state = RULE.init()
     for delta, weight in updates:
-        aggregation.add(state, aggregation.contribution(delta, weight))
+        RULE.add(state, RULE.upload(delta, weight))
     assert state.count == len(updates)
-    return aggregation.apply(state, _global())
+    return RULE.update(_global(), RULE.finalize(state), 1.0)
 
 
 def test_contribution_is_the_weighted_delta_and_its_weights() -> None:
     delta = {B: np.arange(12, dtype=np.float32).reshape(4, 3), "head.bias": np.ones(5, np.float32)}
-    contrib = aggregation.contribution(delta, 2.5)
+    contrib = RULE.upload(delta, 2.5)
     assert set(contrib) == {B, B + WEIGHT, "head.bias", "head.bias" + WEIGHT}
     np.testing.assert_array_equal(contrib[B], 2.5 * delta[B])
     np.testing.assert_array_equal(contrib[B + WEIGHT], [2.5, 2.5, 2.5])  # one weight per column
@@ -68,12 +72,12 @@ def test_contribution_is_the_weighted_delta_and_its_weights() -> None:
     assert all(v.dtype == np.float32 for v in contrib.values())
     # a device of rank 2 of 3: weight on its 2 columns only; a rank at or above r_max means all
     low = {B: delta[B] * np.array([1, 1, 0], np.float32)}
-    np.testing.assert_array_equal(aggregation.contribution(low, 2.0, rank=2)[B + WEIGHT], [2, 2, 0])
-    np.testing.assert_array_equal(aggregation.contribution(delta, 2.0, rank=8)[B + WEIGHT], [2, 2, 2])
+    np.testing.assert_array_equal(RULE.upload(low, 2.0, rank=2)[B + WEIGHT], [2, 2, 0])
+    np.testing.assert_array_equal(RULE.upload(delta, 2.0, rank=8)[B + WEIGHT], [2, 2, 2])
     with pytest.raises(ValueError, match="beyond the device's rank 2"):
-        aggregation.contribution(delta, 2.0, rank=2)
+        RULE.upload(delta, 2.0, rank=2)
     with pytest.raises(ValueError, match="rank"):
-        aggregation.contribution(delta, 2.0, rank=0)
+        RULE.upload(delta, 2.0, rank=0)
 
 
 def test_weighted_mean_over_contributors_only() -> None:
@@ -104,10 +108,10 @@ def test_weighted_mean_over_contributors_only() -> None:
 def test_apply_does_not_touch_the_input_state_and_scales_by_server_lr() -> None:
     g = _global()
     before = {k: v.copy() for k, v in g.items()}
-    state = aggregation.init()
+    state = RULE.init()
     delta = {"sensor/head.weight": np.ones((7, 2), np.float32)}
-    aggregation.add(state, aggregation.contribution(delta, 3.0))
-    new = aggregation.apply(state, g, server_lr=0.5)
+    RULE.add(state, RULE.upload(delta, 3.0))
+    new = RULE.update(g, RULE.finalize(state), 0.5)
     assert all(np.array_equal(g[k], before[k]) for k in g)
     np.testing.assert_allclose(new["sensor/head.weight"], g["sensor/head.weight"] + 0.5, rtol=1e-6)
 
@@ -125,7 +129,7 @@ def test_order_independent() -> None:
 def test_a_device_refuses_to_upload_with_a_non_positive_or_non_finite_weight(weight: float) -> None:
     # A weight of 0 would silently drop the device's work; NaN/inf would poison the sum.
     with pytest.raises(ValueError, match="aggregation weight must be a positive number"):
-        aggregation.contribution({"lora.q.lora_B.weight": np.ones((2, 3)), "head.bias": np.ones(2)}, weight)
+        RULE.upload({"lora.q.lora_B.weight": np.ones((2, 3)), "head.bias": np.ones(2)}, weight)
 
 
 EXPECTED = {"lora.q.lora_B.weight": (4, 3), "head.bias": (5,)}
@@ -135,13 +139,13 @@ MAX_WEIGHT = 100.0
 def _good(rank: int = 3, weight: float = 12.0) -> dict[str, np.ndarray]:
     delta = {"lora.q.lora_B.weight": np.ones((4, 3), np.float32), "head.bias": np.ones(5, np.float32)}
     delta["lora.q.lora_B.weight"][:, rank:] = 0.0
-    return aggregation.contribution(delta, weight, rank=rank)
+    return RULE.upload(delta, weight, rank=rank)
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
 def test_validate_contribution_accepts_a_good_contribution(rank: int) -> None:
-    assert aggregation.validate_contribution(_good(rank), EXPECTED, MAX_WEIGHT) is None
-    assert aggregation.validate_contribution(_good(rank, MAX_WEIGHT), EXPECTED, MAX_WEIGHT) is None
+    assert RULE.check(_good(rank), EXPECTED, MAX_WEIGHT) is None
+    assert RULE.check(_good(rank, MAX_WEIGHT), EXPECTED, MAX_WEIGHT) is None
 
 
 def _set_weight(contrib: dict[str, np.ndarray], weight: float) -> None:
@@ -196,7 +200,7 @@ Q, QW = "lora.q.lora_B.weight", "lora.q.lora_B.weight#weight"
 def test_validate_contribution_names_the_problem(change, words: list[str]) -> None:
     contrib = _good()
     change(contrib)
-    reason = aggregation.validate_contribution(contrib, EXPECTED, MAX_WEIGHT)
+    reason = RULE.check(contrib, EXPECTED, MAX_WEIGHT)
     assert reason is not None
     for word in words:
         assert word in reason, (word, reason)
@@ -205,7 +209,7 @@ def test_validate_contribution_names_the_problem(change, words: list[str]) -> No
 def test_values_in_untrained_columns_are_refused() -> None:
     contrib = _good(rank=2)
     contrib[Q][1, 2] = 0.5  # column 2 carries no weight: the device did not train it
-    reason = aggregation.validate_contribution(contrib, EXPECTED, MAX_WEIGHT)
+    reason = RULE.check(contrib, EXPECTED, MAX_WEIGHT)
     assert reason is not None and Q in reason and "did not train" in reason
 
 

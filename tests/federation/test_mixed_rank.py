@@ -1,8 +1,9 @@
-"""Exactness of mixed-rank LoRA aggregation under a shared frozen A (`federation.aggregation`).
+"""Exactness of mixed-rank LoRA aggregation under a shared frozen A: the default rule
+(`exact-mixed-rank`, `federation/rules/exact_mixed_rank.py`) through the rule interface.
 
 Devices of ranks {2, 4, 8} (r_max = 8) start from one global state, each changes the first r_k
 columns of every B by dB_k (its new adapter is B_k = B + [dB_k, 0]) and the heads, and uploads
-`contribution(delta, p_k, rank=r_k)`; the server `add`s the contributions and `apply`s the sum.
+`RULE.upload(delta, p_k, rank=r_k)`; the server `add`s the uploads, `finalize`s and `update`s.
 A is `federation.model.lora.frozen_a`, drawn at r_max. What is proven, for random mixes of ranks
 and weights (float64 references computed here by hand; uploads are float32, as on the wire, so
 the tolerance is float32's: 1e-6 absolute + 1e-6 relative):
@@ -24,9 +25,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from federation import aggregation
-from federation.aggregation import WEIGHT, contribution
 from federation.model.lora import frozen_a
+from federation.rules import get_rule
+from federation.rules.exact_mixed_rank import WEIGHT
+
+RULE = get_rule("exact-mixed-rank")
+
 
 R_MAX = 8
 SEED = 7
@@ -76,15 +80,15 @@ def _devices(seed: int, n: int, ranks: tuple[int, ...] = (2, 4, 8)) -> list[tupl
 
 
 def _contributions(devices) -> list[dict[str, np.ndarray]]:
-    return [contribution(delta, weight, rank=rank) for delta, rank, weight in devices]
+    return [RULE.upload(delta, weight, rank=rank) for delta, rank, weight in devices]
 
 
 def _aggregate(devices, previous) -> dict[str, np.ndarray]:
-    state = aggregation.init()
+    state = RULE.init()
     for c in _contributions(devices):
-        aggregation.add(state, c)
+        RULE.add(state, c)
     assert state.count == len(devices)
-    return aggregation.apply(state, previous)
+    return RULE.update(previous, RULE.finalize(state), 1.0)
 
 
 # --- exactness ----------------------------------------------------------------------------------
@@ -93,9 +97,9 @@ def _aggregate(devices, previous) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("seed", range(5))
 def test_sum_identity_any_mix_of_ranks(seed: int) -> None:
     devices = _devices(seed, n=9)
-    state = aggregation.init()
+    state = RULE.init()
     for c in _contributions(devices):
-        aggregation.add(state, c)
+        RULE.add(state, c)
     for key in ADAPTERS:
         a = _a(key)
         expected = sum(w * _product(d[key][:, :r], a[:r]) for d, r, w in devices)
@@ -178,19 +182,19 @@ def test_adding_the_secure_sum_at_once_is_the_same() -> None:
     reference = _aggregate(devices, previous)
     uploads = _contributions(devices)
     secure_sum = {k: sum(u[k].astype(np.float64) for u in uploads) for k in uploads[0]}
-    state = aggregation.add(aggregation.init(), secure_sum)
+    state = RULE.add(RULE.init(), secure_sum)
     assert state.count == 1
-    summed = aggregation.apply(state, previous)
+    summed = RULE.update(previous, RULE.finalize(state), 1.0)
     for key in reference:
         np.testing.assert_allclose(summed[key], reference[key], atol=1e-12, rtol=0)
 
 
 def test_state_size_does_not_grow_with_devices() -> None:
     devices = _devices(seed=5, n=300)
-    state = aggregation.init()
+    state = RULE.init()
     sizes = []
     for i, c in enumerate(_contributions(devices)):
-        aggregation.add(state, c)
+        RULE.add(state, c)
         if i in (0, 9, 299):
             sizes.append(sum(v.nbytes for v in state.sums.values()))
             assert state.count == i + 1 and len(state.sums) == 2 * (len(ADAPTERS) + len(HEADS))

@@ -258,7 +258,7 @@ def test_exported_phone_adapter_loads_with_plain_peft_and_reproduces(
 
 
 def test_exported_sensor_adapter_and_head_reproduce_the_eval_metric(backbone, tmp_path: Path) -> None:
-    """Through the real exporter (`server.report.export_adapters`) of a real `Federation`."""
+    """Through the real exporter (`server.report.export_adapters`) of a real `RunState`."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -267,7 +267,7 @@ def test_exported_sensor_adapter_and_head_reproduce_the_eval_metric(backbone, tm
     from federation.model.imu import FEATURES, load_imu_encoder
     from federation.tasks.sensor import eval_sensor, train_sensor
     from federation.training import TrainSettings
-    from server.loop import Federation
+    from server.loop import RunState
     from server.report import export_adapters
 
     data = load_sensor_client("s3a", SEED)
@@ -277,7 +277,7 @@ def test_exported_sensor_adapter_and_head_reproduce_the_eval_metric(backbone, tm
     state = trained.shared_state()
     assert all(np.abs(v).max() > 0 for k, v in state.items() if k.startswith("lora."))
 
-    fed = Federation(None, RunConfig.parse({"scenario": "smoke", "out-dir": str(tmp_path / "run")}))  # type: ignore[arg-type]
+    fed = RunState(None, RunConfig.parse({"scenario": "smoke", "out-dir": str(tmp_path / "run")}))  # type: ignore[arg-type]
     assert set(task_slice(fed.state, "sensor")) == set(state)
     fed.state.update({f"sensor/{k}": v for k, v in state.items()})
     export_adapters(fed, tmp_path / "adapter")

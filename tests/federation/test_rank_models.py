@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from federation import aggregation
-from federation.aggregation import is_column_key
 from federation.config import RunConfig
 from federation.fleet import Device, all_data_clients, load_device_data
 from federation.local import local_train
 from federation.model.edge import TaskModel, build_task_model, task_slice
 from federation.model.lora import LoraSettings, frozen_a, peft_alpha, split_for_rank
+from federation.rules import exact_mixed_rank
+from federation.rules.exact_mixed_rank import is_column_key
 from federation.tasks.phone import PhoneModel, phone_loss
 from federation.tasks.sensor import SensorModel
 from federation.training import TrainSettings, _optimizers, _step
@@ -178,9 +178,9 @@ def test_a_rank_2_sensor_returns_a_delta_padded_with_zeros() -> None:
         if is_column_key(key):
             assert np.abs(delta[:, :2]).max() > 0, key
             assert not delta[:, 2:].any(), key  # exactly zero: the device holds nothing there
-    contrib = aggregation.contribution(result.delta, result.metrics["num-examples"], rank=result.rank)
+    contrib = exact_mixed_rank.contribution(result.delta, result.metrics["num-examples"], rank=result.rank)
     shapes = {k: v.shape for k, v in global_state.items()}
-    assert aggregation.validate_contribution(contrib, shapes, run.max_weight) is None
+    assert exact_mixed_rank.validate_contribution(contrib, shapes, run.max_weight) is None
 
 
 def test_three_phones_of_ranks_2_4_8_aggregate_to_the_column_block_rule() -> None:
@@ -191,16 +191,16 @@ def test_three_phones_of_ranks_2_4_8_aggregate_to_the_column_block_rule() -> Non
     assert [d.rank for d in devices] == [2, 4, 8]
     full = build_task_model("phone", run.lora, run.seed)
     global_state = _random_state(full, seed=6, scale=0.02)
-    state = aggregation.init()
+    state = exact_mixed_rank.init()
     adapters, weights = [], []
     for device in devices:
         result = local_train(run, device, load_device_data(device, run.seed), dict(global_state), 1)
         assert result.rank == device.rank
         weight = result.metrics["num-examples"]
-        aggregation.add(state, aggregation.contribution(result.delta, weight, rank=result.rank))
+        exact_mixed_rank.add(state, exact_mixed_rank.contribution(result.delta, weight, rank=result.rank))
         adapters.append({k: global_state[k].astype(np.float64) + d for k, d in result.delta.items()})
         weights.append(weight)
-    new = aggregation.apply(state, global_state)
+    new = exact_mixed_rank.apply(state, global_state)
 
     a_of = {
         n.removeprefix("base_model.model.").replace(".lora_A.default.weight", ""): p.detach().double().numpy()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from federation import aggregation
+from federation.rules import exact_mixed_rank
 from federation.secagg import MaskedVectorError, pki, quantization_error_bound
 from federation.secagg.masking import unmask_sum
 from federation.secagg.protocol import (
@@ -47,6 +47,8 @@ from federation.secagg.vector import (
     encode_update,
     vector_length,
 )
+
+RULE = exact_mixed_rank.RULE
 
 # A phone-style attention B, sensor-style conv/proj Bs, and a classification head.
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -86,7 +88,7 @@ def _params(n: int, **overrides: object) -> Params:
         ROUND,
         GROUP,
         n,
-        vector_length(SHAPES),
+        vector_length(RULE, SHAPES),
         clip=CLIP,
         value_bits=VALUE_BITS,
         max_weight=MAX_WEIGHT,
@@ -100,11 +102,11 @@ def _contribution(rng: np.random.Generator, params: Params) -> Contribution:
     delta: dict[str, np.ndarray] = {}
     for key, shape in SHAPES.items():
         value = rng.normal(0.0, 0.02, size=shape).astype(np.float32)
-        if aggregation.is_column_key(key):
+        if exact_mixed_rank.is_column_key(key):
             value[:, rank:] = 0.0  # a rank-r device trains B's first r columns only
         delta[key] = value
     weight = int(rng.integers(1, 501))
-    return Contribution(delta, weight, rank, encode_update(delta, weight, SHAPES, params, rank=rank))
+    return Contribution(delta, weight, rank, encode_update(RULE, delta, weight, SHAPES, params, rank=rank))
 
 
 @dataclass
@@ -166,8 +168,8 @@ def _weighted_sums(inputs: list[Contribution]) -> dict[str, np.ndarray]:
     """sum_k w_k x_k and the per-key weight sums, in float64 (the exact, unquantized target)."""
     out: dict[str, np.ndarray] = {}
     for c in inputs:
-        for key, value in aggregation.contribution(c.delta, float(c.weight), c.rank).items():
-            if key.endswith(aggregation.WEIGHT):
+        for key, value in exact_mixed_rank.contribution(c.delta, float(c.weight), c.rank).items():
+            if key.endswith(exact_mixed_rank.WEIGHT):
                 add = value.astype(np.float64)
             else:
                 add = np.clip(c.delta[key].astype(np.float64), -CLIP, CLIP) * c.weight
@@ -176,14 +178,14 @@ def _weighted_sums(inputs: list[Contribution]) -> dict[str, np.ndarray]:
 
 
 def _check_decoded(r: Round, ids: set[int] | list[int], total: np.ndarray) -> dict[str, np.ndarray]:
-    decoded = decode_total(total, SHAPES, r.params)
+    decoded = decode_total(RULE, total, SHAPES, r.params)
     inputs = [r.inputs[i] for i in ids]
     expected = _weighted_sums(inputs)
-    assert set(decoded) == set(expected) == set(aggregation.expected_shapes(SHAPES))
+    assert set(decoded) == set(expected) == set(exact_mixed_rank.expected_shapes(SHAPES))
     bound = quantization_error_bound(CLIP, VALUE_BITS, len(inputs), max_weight=max(c.weight for c in inputs))
     for key, value in decoded.items():
         assert value.shape == expected[key].shape, key
-        if key.endswith(aggregation.WEIGHT):
+        if key.endswith(exact_mixed_rank.WEIGHT):
             np.testing.assert_array_equal(value, expected[key], err_msg=key)  # weights are exact
         else:
             assert np.max(np.abs(value - expected[key])) <= bound, key
@@ -196,7 +198,7 @@ def _check_decoded(r: Round, ids: set[int] | list[int], total: np.ndarray) -> di
 def test_params_travel_as_config_and_bind_the_session() -> None:
     params = _params(10)
     assert params.degree == 9 and params.threshold == 5  # n <= 100: the complete graph (SecAgg)
-    assert params.length == vector_length(SHAPES)
+    assert params.length == vector_length(RULE, SHAPES)
     again = Params.from_config(params.to_config())
     assert again == params and again.digest() == params.digest()
     for change in ({"server_round": ROUND + 1}, {"run_id": RUN_ID + 1}, {"group": "phone"}, {"length": 1}):
@@ -218,11 +220,11 @@ def test_secure_sum_equals_plain_modular_sum_and_decodes_to_the_weighted_mean() 
     # Server side: one secure sum folded into the aggregation state vs the plain per-device sum.
     rng = np.random.default_rng(99)
     global_state = {k: rng.normal(0, 0.1, size=s).astype(np.float32) for k, s in SHAPES.items()}
-    secure = aggregation.apply(aggregation.add(aggregation.init(), decoded), global_state)
-    plain_state = aggregation.init()
+    secure = exact_mixed_rank.apply(exact_mixed_rank.add(exact_mixed_rank.init(), decoded), global_state)
+    plain_state = exact_mixed_rank.init()
     for c in r.inputs.values():
-        aggregation.add(plain_state, aggregation.contribution(c.delta, float(c.weight), c.rank))
-    plain = aggregation.apply(plain_state, global_state)
+        exact_mixed_rank.add(plain_state, exact_mixed_rank.contribution(c.delta, float(c.weight), c.rank))
+    plain = exact_mixed_rank.apply(plain_state, global_state)
     mean_bound = quantization_error_bound(CLIP, VALUE_BITS, 1)  # a weighted mean is off < 1 quantum
     for key in SHAPES:
         assert secure[key].dtype == global_state[key].dtype == np.float32
@@ -231,9 +233,9 @@ def test_secure_sum_equals_plain_modular_sum_and_decodes_to_the_weighted_mean() 
         assert not np.array_equal(secure[key], global_state[key]), key  # the model did move
     # columns nobody trained keep their value; rank-2 columns are the mean over every device
     ranks = {c.rank for c in r.inputs.values()}
-    for key in (k for k in SHAPES if aggregation.is_column_key(k)):
+    for key in (k for k in SHAPES if exact_mixed_rank.is_column_key(k)):
         np.testing.assert_array_equal(
-            decoded[key + aggregation.WEIGHT][:2], sum(c.weight for c in r.inputs.values())
+            decoded[key + exact_mixed_rank.WEIGHT][:2], sum(c.weight for c in r.inputs.values())
         )
         if max(ranks) < 8:
             np.testing.assert_array_equal(secure[key][:, max(ranks) :], global_state[key][:, max(ranks) :])
@@ -891,7 +893,7 @@ def test_certified_device_will_not_unmask_an_unsigned_set(fleet_pki: Path) -> No
 def _slot(params: Params, key: str) -> slice:
     """Where `key` lies in the encoded vector (vector.py's layout: sorted expected keys)."""
     offset = 0
-    for name, shape in sorted(aggregation.expected_shapes(SHAPES).items()):
+    for name, shape in sorted(exact_mixed_rank.expected_shapes(SHAPES).items()):
         size = int(np.prod(shape))
         if name == key:
             return slice(offset, offset + size)
@@ -906,7 +908,7 @@ def _hostile_round(seed: int, tamper) -> tuple[Round, dict[str, np.ndarray]]:
     r.keys()
     r.mask()
     r.unmask()
-    return r, decode_total(r.server.finish(), SHAPES, r.params)
+    return r, decode_total(RULE, r.server.finish(), SHAPES, r.params)
 
 
 HEAD, B = "head.out.bias", "lora.conv2.lora_B.weight"
@@ -914,7 +916,7 @@ HEAD, B = "head.out.bias", "lora.conv2.lora_B.weight"
 
 def _set_weight(x: np.ndarray, params: Params, value: int) -> np.ndarray:
     for key in SHAPES:
-        s = _slot(params, key + aggregation.WEIGHT)
+        s = _slot(params, key + exact_mixed_rank.WEIGHT)
         width = s.stop - s.start
         x[s] = encode_integers(np.full(width, value, dtype=np.int64), params.modulus_bits)
     return x
@@ -931,15 +933,15 @@ def _set_weight(x: np.ndarray, params: Params, value: int) -> np.ndarray:
         # a weight far above max-weight
         (lambda x, p: _set_weight(x, p, 10 * MAX_WEIGHT * 10), "weight-range"),
         # a weight on one key only
-        (lambda x, p: _add(x, p, HEAD + aggregation.WEIGHT, 7), "weights-consistent"),
+        (lambda x, p: _add(x, p, HEAD + exact_mixed_rank.WEIGHT, 7), "weights-consistent"),
         # weights on B's last column without its first
-        (lambda x, p: _add(x, p, B + aggregation.WEIGHT, 0, last=100), "non-increasing"),
+        (lambda x, p: _add(x, p, B + exact_mixed_rank.WEIGHT, 0, last=100), "non-increasing"),
     ],
 )
 def test_hostile_inputs_fail_the_plausibility_check(tamper, check: str) -> None:
     r, decoded = _hostile_round(40, tamper)
     with pytest.raises(ImplausibleSumError, match=check):
-        check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
+        check_plausible_sum(RULE, decoded, SHAPES, r.params, len(r.server.survivors))
 
 
 def _add(x: np.ndarray, params: Params, key: str, value: int, *, last: int = 0) -> np.ndarray:
@@ -952,7 +954,7 @@ def _add(x: np.ndarray, params: Params, key: str, value: int, *, last: int = 0) 
 
 def test_honest_sum_passes_and_a_careful_hostile_device_is_bounded_only_by_clip() -> None:
     r, decoded = _hostile_round(41, lambda x, p: x)
-    total = check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
+    total = check_plausible_sum(RULE, decoded, SHAPES, r.params, len(r.server.survivors))
     assert total == sum(c.weight for c in r.inputs.values())
     # the known limit (ACORN / RoFL): device 3 sets one coordinate so that the *sum* is exactly
     # clip x W; no check can tell it from an honest round where every device pushed to +clip
@@ -975,8 +977,8 @@ def test_honest_sum_passes_and_a_careful_hostile_device_is_bounded_only_by_clip(
     r2.keys()
     r2.mask()
     r2.unmask()
-    pushed = decode_total(r2.server.finish(), SHAPES, r2.params)
-    assert check_plausible_sum(pushed, SHAPES, r2.params, 10) == total
+    pushed = decode_total(RULE, r2.server.finish(), SHAPES, r2.params)
+    assert check_plausible_sum(RULE, pushed, SHAPES, r2.params, 10) == total
     assert pushed[HEAD][0] / total == pytest.approx(CLIP, rel=1e-6)  # the mean moved to +clip
 
 
@@ -987,9 +989,9 @@ def test_a_bogus_revealed_seed_is_caught_by_the_plausibility_check() -> None:
     r.unmask()
     liar = 4
     r.server.pair_seeds[(liar, 9)] = secrets.token_bytes(32)  # what a hostile survivor reveals
-    decoded = decode_total(r.server.finish(), SHAPES, r.params)
+    decoded = decode_total(RULE, r.server.finish(), SHAPES, r.params)
     with pytest.raises(ImplausibleSumError):
-        check_plausible_sum(decoded, SHAPES, r.params, len(r.server.survivors))
+        check_plausible_sum(RULE, decoded, SHAPES, r.params, len(r.server.survivors))
 
 
 @pytest.mark.parametrize("n", [3, 4, 10, 50, 101, 150, 300])

@@ -1,9 +1,9 @@
-"""The server's gate in front of aggregation: `Federation._check_reply` on real Flower replies.
+"""The server's gate in front of aggregation: `RunState._check_reply` on real Flower replies.
 
-`Federation` takes its Grid only to send messages; the check needs none, so a real `Federation`
+`RunState` takes its Grid only to send messages; the check needs none, so a real `RunState`
 of the smoke scenario is built with `grid=None` (its global state and shapes are the real ones).
 Replies are built as the ClientApp builds them: `Message(RecordDict(...), reply_to=request)`
-carrying a *contribution* (weighted delta + `KEY#weight` weights, `federation.aggregation`);
+carrying a *contribution* (weighted delta + `KEY#weight` weights, `federation.rules.exact_mixed_rank`);
 one comes from the real ClientApp itself.
 """
 
@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from federation.aggregation import WEIGHT, contribution, is_column_key
 from federation.config import RunConfig
 from federation.model.edge import task_slice
-from server.loop import Federation
+from federation.rules.exact_mixed_rank import WEIGHT, contribution, is_column_key
+from server.loop import RunState
 
 ROUND = 3
 RUN_CONFIG = {"scenario": "smoke", "local-steps": 2}
@@ -26,12 +26,12 @@ pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+def fed(tmp_path_factory: pytest.TempPathFactory) -> RunState:
     out = tmp_path_factory.mktemp("fedge-run")
-    return Federation(None, RunConfig.parse({**RUN_CONFIG, "out-dir": str(out)}))  # type: ignore[arg-type]
+    return RunState(None, RunConfig.parse({**RUN_CONFIG, "out-dir": str(out)}))  # type: ignore[arg-type]
 
 
-def _request(fed: Federation, task: str, node: int = 7) -> Message:
+def _request(fed: RunState, task: str, node: int = 7) -> Message:
     arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in task_slice(fed.state, task).items()})
     config = ConfigRecord({"server-round": ROUND, "task": task})
     return Message(
@@ -39,7 +39,7 @@ def _request(fed: Federation, task: str, node: int = 7) -> Message:
     )
 
 
-def _delta(fed: Federation, task: str, rank: int | None = None) -> dict[str, np.ndarray]:
+def _delta(fed: RunState, task: str, rank: int | None = None) -> dict[str, np.ndarray]:
     """A device's delta; a rank-`rank` device's B is zero beyond its first `rank` columns."""
     rng = np.random.default_rng(0)
     delta = {
@@ -55,7 +55,7 @@ def _delta(fed: Federation, task: str, rank: int | None = None) -> dict[str, np.
 WEIGHT_32 = 32.0  # num-examples: sensor steps x batch (phone: sequences)
 
 
-def _upload(fed: Federation, task: str, rank: int | None = None, weight: float = WEIGHT_32):
+def _upload(fed: RunState, task: str, rank: int | None = None, weight: float = WEIGHT_32):
     """What the ClientApp uploads: the contribution of a delta."""
     return contribution(_delta(fed, task, rank), weight, rank=rank)
 
@@ -79,19 +79,19 @@ def _reply(
 
 
 @pytest.mark.parametrize("rank", [None, 2, 4])
-def test_a_good_reply_passes(fed: Federation, rank: int | None) -> None:
+def test_a_good_reply_passes(fed: RunState, rank: int | None) -> None:
     for task in ("sensor", "tv", "phone"):
         upload = _upload(fed, task, rank)
         assert fed._check_reply(_reply(_request(fed, task), upload), task, ROUND) is None
 
 
-def _reason(fed: Federation, reply: Message, task: str = "sensor") -> str:
+def _reason(fed: RunState, reply: Message, task: str = "sensor") -> str:
     reason = fed._check_reply(reply, task, ROUND)
     assert isinstance(reason, str) and reason
     return reason
 
 
-def test_nan_and_inf_are_refused(fed: Federation) -> None:
+def test_nan_and_inf_are_refused(fed: RunState) -> None:
     for bad in (np.nan, np.inf, -np.inf):
         upload = _upload(fed, "sensor")
         upload["lora.conv3.lora_B.weight"][5, 2, 0] = bad
@@ -103,7 +103,7 @@ def test_nan_and_inf_are_refused(fed: Federation) -> None:
         assert "head.out.bias#weight" in reason and "NaN or inf" in reason
 
 
-def test_wrong_shape_is_refused(fed: Federation) -> None:
+def test_wrong_shape_is_refused(fed: RunState) -> None:
     upload = _upload(fed, "sensor")
     upload["head.out.weight"] = np.zeros((8, 64), np.float32)  # 8 classes instead of 7
     reason = _reason(fed, _reply(_request(fed, "sensor"), upload))
@@ -118,7 +118,7 @@ def test_wrong_shape_is_refused(fed: Federation) -> None:
     assert "lora.proj.lora_B.weight#weight" in _reason(fed, _reply(_request(fed, "sensor"), upload))
 
 
-def test_declared_shape_cannot_hide_the_real_one(fed: Federation) -> None:
+def test_declared_shape_cannot_hide_the_real_one(fed: RunState) -> None:
     """The Array's metadata claims the expected shape; its payload holds another."""
     arrays = ArrayRecord({k: Array(v) for k, v in _upload(fed, "sensor").items()})
     real = Array(np.zeros((3, 3), np.float32))
@@ -128,7 +128,7 @@ def test_declared_shape_cannot_hide_the_real_one(fed: Federation) -> None:
     assert "head.out.bias" in _reason(fed, reply)
 
 
-def test_wrong_keys_are_refused(fed: Federation) -> None:
+def test_wrong_keys_are_refused(fed: RunState) -> None:
     request = _request(fed, "sensor")
     upload = _upload(fed, "sensor")
     del upload["lora.conv2.lora_B.weight"], upload["lora.conv2.lora_B.weight#weight"]
@@ -146,7 +146,7 @@ def test_wrong_keys_are_refused(fed: Federation) -> None:
     assert "missing" in _reason(fed, _reply(request, prefixed))
 
 
-def test_integer_arrays_are_refused(fed: Federation) -> None:
+def test_integer_arrays_are_refused(fed: RunState) -> None:
     upload = _upload(fed, "sensor")
     upload["head.out.bias"] = np.zeros(7, np.int32)
     assert "dtype" in _reason(fed, _reply(_request(fed, "sensor"), upload))
@@ -155,7 +155,7 @@ def test_integer_arrays_are_refused(fed: Federation) -> None:
     assert "dtype" in _reason(fed, _reply(_request(fed, "sensor"), upload))
 
 
-def test_reply_for_another_round_is_refused(fed: Federation) -> None:
+def test_reply_for_another_round_is_refused(fed: RunState) -> None:
     request = _request(fed, "sensor")
     for other in (ROUND - 1, ROUND + 1):
         metrics = {"num-examples": WEIGHT_32, "train_loss": 1.0, "server-round": other}
@@ -178,12 +178,12 @@ def _claim(upload: dict[str, np.ndarray], weight: float) -> dict[str, np.ndarray
     ("weight", "words"),
     [(0.0, "positive"), (-5.0, "outside"), (float("nan"), "NaN"), (float("inf"), "inf")],
 )
-def test_bad_weight_is_refused(fed: Federation, weight: float, words: str) -> None:
+def test_bad_weight_is_refused(fed: RunState, weight: float, words: str) -> None:
     upload = _claim(_upload(fed, "sensor", rank=2), weight)
     assert words in _reason(fed, _reply(_request(fed, "sensor"), upload))
 
 
-def test_weight_above_max_weight_is_refused(fed: Federation) -> None:
+def test_weight_above_max_weight_is_refused(fed: RunState) -> None:
     max_weight = fed.run.max_weight
     assert (
         fed._check_reply(
@@ -195,7 +195,7 @@ def test_weight_above_max_weight_is_refused(fed: Federation) -> None:
     assert "outside" in reason and str(max_weight) in reason
 
 
-def test_weights_that_are_not_a_prefix_are_refused(fed: Federation) -> None:
+def test_weights_that_are_not_a_prefix_are_refused(fed: RunState) -> None:
     upload = _upload(fed, "sensor", rank=4)
     key = "lora.conv2.lora_B.weight#weight"
     upload[key] = upload[key][::-1].copy()  # columns 4..7 claimed, 0..3 not
@@ -203,14 +203,14 @@ def test_weights_that_are_not_a_prefix_are_refused(fed: Federation) -> None:
     assert "prefix" in (r := _reason(fed, _reply(_request(fed, "sensor"), upload))) and key in r
 
 
-def test_values_in_untrained_columns_are_refused(fed: Federation) -> None:
+def test_values_in_untrained_columns_are_refused(fed: RunState) -> None:
     upload = _upload(fed, "sensor", rank=2)
     upload["lora.proj.lora_B.weight"][3, 5] = 0.01  # column 5: a rank-2 device has no parameter there
     reason = _reason(fed, _reply(_request(fed, "sensor"), upload))
     assert "lora.proj.lora_B.weight" in reason and "did not train" in reason
 
 
-def test_missing_parts_and_unreadable_arrays_are_refused(fed: Federation) -> None:
+def test_missing_parts_and_unreadable_arrays_are_refused(fed: RunState) -> None:
     request = _request(fed, "sensor")
     assert "lacks" in _reason(fed, _reply(request, None))
     assert "lacks" in _reason(fed, _reply(request, _upload(fed, "sensor"), with_metrics=False))
@@ -220,7 +220,7 @@ def test_missing_parts_and_unreadable_arrays_are_refused(fed: Federation) -> Non
     assert "unreadable" in _reason(fed, reply)
 
 
-def test_the_real_client_reply_passes(fed: Federation) -> None:
+def test_the_real_client_reply_passes(fed: RunState) -> None:
     from clients.client_app import app
 
     partition = 2  # the smoke fleet's first sensor: tier low, LoRA rank 2

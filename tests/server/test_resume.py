@@ -16,35 +16,37 @@ import pytest
 
 from federation.config import RunConfig
 from federation.errors import FedgeError
-from server.loop import Federation
+from server.loop import RunState
+from server.round import MetricsEntry
 from simulations.cli import resume_settings
 
 CONFIG = {"scenario": "deploy-check", "seed": 3, "secure-aggregation": False, "lr": 0.01}
 
 
-def _crashed_run(out: Path) -> Federation:
+def _crashed_run(out: Path) -> RunState:
     """A run that completed rounds 0 and 1, then died after writing round 2's metrics line but
     before round 2's checkpoint."""
     config = {**CONFIG, "out-dir": str(out)}
-    fed = Federation(None, RunConfig.parse(config), 0, config)  # type: ignore[arg-type]
+    fed = RunState(None, RunConfig.parse(config), 0, config)  # type: ignore[arg-type]
     first = next(iter(fed.state))
     for server_round in (0, 1):
         fed.state[first] = fed.state[first] + 1.0  # a round's update
         fed.sim_time_s += 1000.0 + server_round
-        fed.write({"round": server_round, "eval": {"sensor": {"accuracy": 0.1 * server_round}}})
+        evals = {"sensor": {"accuracy": 0.1 * server_round}}
+        fed.write(MetricsEntry(round=server_round, eval=evals, federated={}, wall_seconds=1.0))
     with fed.metrics_path.open("a") as f:
         f.write(json.dumps({"round": 2, "eval": {}}) + "\n")
     return fed
 
 
-def _resumed(out: Path, **changes: object) -> Federation:
+def _resumed(out: Path, **changes: object) -> RunState:
     config = {
         **CONFIG,
         "out-dir": str(out),
         "initial-checkpoint": str(out / "checkpoint.safetensors"),
         **changes,
     }
-    return Federation(None, RunConfig.parse(config), 0, config)  # type: ignore[arg-type]
+    return RunState(None, RunConfig.parse(config), 0, config)  # type: ignore[arg-type]
 
 
 def test_a_resumed_run_starts_after_the_last_checkpointed_round(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@
 called in-process with one `Context` per node (the `dropout-check` fleet: 10 watches in one
 group, complete graph k = 9, threshold t = 5). Replies pass through optional hooks that play
 the network or a hostile device: drop a reply (a device that vanished), rewrite it (a hostile
-device, a replay), before the server's real `Federation.train_round` reads it. Every round here
+device, a replay), before the server's real `RunState.train_round` reads it. Every round here
 is therefore the production code on both sides; only the transport is in memory.
 """
 
@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from federation.config import RunConfig
 from federation.secagg import pki
 from federation.secagg.packing import pack_residues, unpack_residues
-from server.loop import Federation, check_in
+from server.loop import RunState, check_in
 from server.secagg import CHECK, KEYS, MASK, UNMASK, secure_train_round
 
 RUN_ID = 2**63 + 77  # a 64-bit Flower run id; the protocol carries it mod 2^63
@@ -108,7 +108,7 @@ def log_lines() -> Iterator[LogLines]:
     logger.removeHandler(handler)
 
 
-def _federation(app: Any, tmp: Path, cache_dir: Path, **extra: Any) -> tuple[Federation, DeviceGrid]:
+def _federation(app: Any, tmp: Path, cache_dir: Path, **extra: Any) -> tuple[RunState, DeviceGrid]:
     config = {"scenario": "dropout-check", "local-steps": 2, "out-dir": str(tmp / "out"),
               "cache-dir": str(cache_dir), "federated-eval-every": -1, **extra}  # fmt: skip
     contexts = {
@@ -122,17 +122,17 @@ def _federation(app: Any, tmp: Path, cache_dir: Path, **extra: Any) -> tuple[Fed
         for p in range(10)
     }
     grid = DeviceGrid(app, contexts)
-    fed = Federation(grid, RunConfig.parse(config), RUN_ID)
+    fed = RunState(grid, RunConfig.parse(config), RUN_ID)
     check_in(grid, fed.registry, list(contexts), 60.0)
     assert len(fed.registry.nodes) == 10
     return fed, grid
 
 
-def _snapshot(fed: Federation) -> dict[str, np.ndarray]:
+def _snapshot(fed: RunState) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in fed.state.items()}
 
 
-def _unchanged(fed: Federation, before: dict[str, np.ndarray]) -> bool:
+def _unchanged(fed: RunState, before: dict[str, np.ndarray]) -> bool:
     return set(fed.state) == set(before) and all(np.array_equal(fed.state[k], before[k]) for k in before)
 
 
@@ -151,19 +151,19 @@ def test_secure_round_completes_through_the_real_handlers(
     fed, grid = _federation(app, tmp_path, cache_dir)
     before = _snapshot(fed)
     stats = fed.train_round(1)
-    assert stats["secure"] and stats["aborted"] == [] and stats["participants"] == {"sensor": 10}
+    assert stats.secure and stats.aborted == [] and stats.participants == {"sensor": 10}
     assert not _unchanged(fed, before)  # the secure sum was applied
     types = {m.metadata.message_type for m in grid.sent}
     assert types == {KEYS, MASK, UNMASK, "query"}  # three exchanges without certified keys
     assert "secure sum of 10 devices" in log_lines.text()
     # uploads are packed to m bits: at most 1.25x a float32 contribution of the same layout
-    per_device = stats["upload_bytes"] / 10
+    per_device = stats.upload_bytes / 10
     floats = 4 * sum(int(np.prod(s)) for s in _contribution_shapes(fed).values())
     assert per_device <= 1.25 * floats
 
 
-def _contribution_shapes(fed: Federation) -> dict[str, tuple[int, ...]]:
-    from federation.aggregation import expected_shapes
+def _contribution_shapes(fed: RunState) -> dict[str, tuple[int, ...]]:
+    from federation.rules.exact_mixed_rank import expected_shapes
 
     return expected_shapes(fed.task_shapes("sensor"))
 
@@ -174,7 +174,7 @@ def test_a_task_below_secagg_min_devices_sits_out_and_nothing_changes(
     fed, grid = _federation(app, tmp_path, cache_dir, **{"secagg-min-devices": 4})
     before = _snapshot(fed)
     stats = secure_train_round(fed, 1, sorted(fed.registry.nodes)[:3])
-    assert stats["participants"] == {} and grid.sent[-1].metadata.message_type == "query"  # none sent
+    assert stats.participants == {} and grid.sent[-1].metadata.message_type == "query"  # none sent
     assert _unchanged(fed, before)
     assert "only 3 sensor devices, secure aggregation needs 4; sensor sits out" in log_lines.text()
 
@@ -187,13 +187,13 @@ def test_survivors_between_one_and_the_threshold_abort_and_the_next_round_runs(
     grid.hooks.append(_on(MASK, set(nodes[:6]), lambda reply: None))  # 6 of 10 vanish: 4 < t = 5
     before = _snapshot(fed)
     stats = fed.train_round(1)
-    assert stats["aborted"] == ["sensor"] and stats["vanished"] == 6 and stats["participants"] == {}
+    assert stats.aborted == ["sensor"] and stats.vanished == 6 and stats.participants == {}
     assert _unchanged(fed, before)
     text = log_lines.text()
     assert "below the threshold 5" in text  # each survivor refused to reveal anything
     assert "sensor update aborted, global sensor model unchanged: 4 devices sent masked vectors" in text
     grid.hooks.clear()
-    assert fed.train_round(2)["participants"] == {"sensor": 10} and not _unchanged(fed, before)
+    assert fed.train_round(2).participants == {"sensor": 10} and not _unchanged(fed, before)
 
 
 def test_replies_from_another_round_are_left_out(
@@ -218,7 +218,7 @@ def test_replies_from_another_round_are_left_out(
     grid.hooks.append(_on(MASK, {nodes[0]}, replay))
     before = _snapshot(fed)
     stats = fed.train_round(2)
-    assert stats["aborted"] == [] and stats["participants"] == {"sensor": 9} and stats["vanished"] == 1
+    assert stats.aborted == [] and stats.participants == {"sensor": 9} and stats.vanished == 1
     assert not _unchanged(fed, before)
     assert (
         f"node {nodes[0]} failed in round 2 (mask: vanished after sharing keys): reply for another round"
@@ -230,7 +230,7 @@ def _request_of(grid: DeviceGrid, reply: Message) -> Message:
     return next(m for m in grid.sent if m.metadata.message_id == reply.metadata.reply_to_message_id)
 
 
-def _hostile_vector(fed: Federation, grid: DeviceGrid) -> Callable[[Message], Message]:
+def _hostile_vector(fed: RunState, grid: DeviceGrid) -> Callable[[Message], Message]:
     """A device that adds 2^(m-3) to the first coordinate of its masked vector (as adding it to
     its input: masking is additive), far beyond clip x max-weight."""
 
@@ -256,10 +256,10 @@ def test_a_hostile_device_aborts_its_group_naming_the_check_and_nothing_changes(
     grid.hooks.append(_on(MASK, {hostile}, _hostile_vector(fed, grid)))
     before = _snapshot(fed)
     stats = fed.train_round(1)
-    assert stats["aborted"] == ["sensor"] and _unchanged(fed, before)
+    assert stats.aborted == ["sensor"] and _unchanged(fed, before)
     assert "exceeds clip x its weight" in log_lines.text() and "(value-bound)" in log_lines.text()
     grid.hooks.clear()
-    assert fed.train_round(2)["aborted"] == [] and not _unchanged(fed, before)  # honest rounds run on
+    assert fed.train_round(2).aborted == [] and not _unchanged(fed, before)  # honest rounds run on
 
 
 def test_a_low_order_key_is_refused_and_blamed_on_its_sender(
@@ -274,7 +274,7 @@ def test_a_low_order_key_is_refused_and_blamed_on_its_sender(
 
     grid.hooks.append(_on(KEYS, {bad}, zero_key))
     stats = fed.train_round(1)
-    assert stats["aborted"] == [] and stats["rejected"] == 1 and stats["participants"] == {"sensor": 9}
+    assert stats.aborted == [] and stats.rejected == 1 and stats.participants == {"sensor": 9}
     text = log_lines.text()
     assert f"node {bad}'s keys reply rejected in round 1: invalid X25519 public key" in text
     assert "failed in round 1 (mask" not in text  # no honest neighbour failed because of it
@@ -294,7 +294,7 @@ def test_a_garbage_share_is_blamed_on_its_sender_and_the_round_completes(
 
     grid.hooks.append(_on(MASK, {sender}, garble))
     stats = fed.train_round(1)
-    assert stats["aborted"] == [] and stats["participants"] == {"sensor": 10}
+    assert stats.aborted == [] and stats.participants == {"sensor": 10}
     assert f"node {sender} sent device" in log_lines.text() and "fails authentication" in log_lines.text()
 
 
@@ -312,10 +312,10 @@ def test_certified_round_runs_the_consistency_check_and_refuses_unsigned_keys(
     grid.hooks.append(_on(KEYS, {unsigned}, strip))
     before = _snapshot(fed)
     stats = fed.train_round(1)
-    assert stats["aborted"] == [] and stats["participants"] == {"sensor": 9} and stats["rejected"] == 1
+    assert stats.aborted == [] and stats.participants == {"sensor": 9} and stats.rejected == 1
     assert not _unchanged(fed, before)
     assert {m.metadata.message_type for m in grid.sent} >= {KEYS, MASK, CHECK, UNMASK}
-    assert "check" in stats["secagg_stage_seconds"]
+    assert "check" in stats.secagg_stage_seconds
     assert f"node {unsigned}'s keys reply rejected in round 1: round keys are not signed" in log_lines.text()
 
 
@@ -340,7 +340,7 @@ def test_a_lying_server_is_refused_by_the_real_handlers_and_honest_rounds_run_on
     grid.request_hooks.append(_rewrite(KEYS, set(nodes), **{"sa-threshold": 1}))
     before = _snapshot(fed)
     stats = fed.train_round(1)
-    assert stats["aborted"] == ["sensor"] and stats["failures"] == 10 and _unchanged(fed, before)
+    assert stats.aborted == ["sensor"] and stats.failures == 10 and _unchanged(fed, before)
     assert "refusing secure-aggregation parameters: threshold 1 is outside" in log_lines.text()
     # round 2: the target is told "survivors: you and two ids that do not exist" (issue attack 1)
     target = nodes[4]  # protocol id 5: ids follow sorted node ids
@@ -349,4 +349,54 @@ def test_a_lying_server_is_refused_by_the_real_handlers_and_honest_rounds_run_on
     assert f"node {target} failed in round 2 (unmask)" in log_lines.text()
     assert "not members of this group" in log_lines.text()
     # the others revealed honestly: the round completes, with the target's vector in the sum
-    assert stats["aborted"] == [] and stats["participants"] == {"sensor": 10} and not _unchanged(fed, before)
+    assert stats.aborted == [] and stats.participants == {"sensor": 10} and not _unchanged(fed, before)
+
+
+# ------------------------------------------------------------- one round, typed: plain vs secure
+
+
+def test_plain_and_secure_rounds_return_the_same_typed_result_and_only_the_loop_applies_it(
+    app: Any, tmp_path: Path, cache_dir: Path
+) -> None:
+    """The same 10 watches, the same global state and round: a plain round and a secure round
+    return one `RoundResult` type whose fields agree (who took part, failures, losses, and the
+    aggregate, up to the fixed-point quantum), neither path touches the global state, and
+    `train_round` applies the aggregate through the run's rule."""
+    import json
+
+    from federation.secagg import quantization_error_bound
+    from server.round import MetricsEntry, RoundResult
+
+    plain_fed, _ = _federation(app, tmp_path / "plain", cache_dir, **{"secure-aggregation": False})
+    secure_fed, _ = _federation(app, tmp_path / "secure", cache_dir)
+    nodes = sorted(plain_fed.registry.nodes)
+    before = _snapshot(plain_fed)
+    plain = plain_fed.plain_train_round(1, nodes)
+    secure = secure_train_round(secure_fed, 1, nodes)
+    assert type(plain) is type(secure) is RoundResult
+    assert _unchanged(plain_fed, before) and _unchanged(secure_fed, before)  # no path applies itself
+    assert (plain.secure, secure.secure) == (False, True)
+    for name in ("sampled", "participants", "failures", "rejected", "vanished", "aborted"):
+        assert getattr(plain, name) == getattr(secure, name), name
+    assert plain.participants == {"sensor": 10} and plain.sampled == 10
+    assert plain.train_loss.keys() == secure.train_loss.keys() == {"sensor"}
+    assert plain.train_loss["sensor"] == pytest.approx(secure.train_loss["sensor"], rel=1e-9)
+    assert plain.download_bytes == secure.download_bytes > 0 and plain.upload_bytes > 0 < secure.upload_bytes
+    assert secure.secagg_stage_seconds.keys() == {"keys+train", "mask", "unmask", "reconstruct+decode"}
+
+    rule = plain_fed.run.rule
+    plain_mean, secure_mean = rule.finalize(plain.aggregate), rule.finalize(secure.aggregate)
+    assert plain_mean.keys() == secure_mean.keys() and plain_mean
+    bound = quantization_error_bound(1.0, 24, 1)  # a weighted mean is off by < 1 quantum
+    for key in plain_mean:
+        np.testing.assert_allclose(secure_mean[key], plain_mean[key], rtol=0, atol=bound)
+
+    # metrics.jsonl is serialised from the type: the same fields for both paths, plain JSON
+    lines = [MetricsEntry(1, {}, {}, 1.0, train=r).to_json() for r in (plain, secure)]
+    assert lines[0].keys() == lines[1].keys() and "aggregate" not in lines[0]
+    assert json.loads(json.dumps(lines[1]))["participants"] == {"sensor": 10}
+
+    applied = plain_fed.train_round(1)  # the loop: the same round again, now applied
+    assert not _unchanged(plain_fed, before)
+    expected = rule.update(before, rule.finalize(applied.aggregate), 1.0)
+    assert all(np.array_equal(plain_fed.state[k], expected[k]) for k in expected)

@@ -1,4 +1,4 @@
-"""What the simulated clock charges a device for its upload (`Federation.upload_bytes`).
+"""What the simulated clock charges a device for its upload (`RunState.upload_bytes`).
 
 With secure aggregation a device uploads its masked vector packed to m bits per coordinate, m
 sized for the round's group of that task; without, its float32 contribution. The clock of every
@@ -10,24 +10,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from federation.aggregation import expected_shapes
 from federation.config import RunConfig
+from federation.rules.exact_mixed_rank import expected_shapes
 from federation.secagg.packing import packed_size
 from federation.secagg.protocol import required_modulus_bits
 from federation.secagg.vector import vector_length
-from server.loop import Federation
+from server.loop import RunState
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["secure", "plain"])
-def fed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Federation:
+def fed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> RunState:
     out = tmp_path_factory.mktemp("run")
     config = {"scenario": "smart-home", "out-dir": str(out), "secure-aggregation": request.param}
     run = RunConfig.parse(config)
-    return Federation(None, run)  # type: ignore[arg-type]  # no messages are sent
+    return RunState(None, run)  # type: ignore[arg-type]  # no messages are sent
 
 
 @pytest.mark.parametrize("task", ["phone", "tv", "sensor"])
-def test_each_tasks_upload_matches_its_mode(fed: Federation, task: str) -> None:
+def test_each_tasks_upload_matches_its_mode(fed: RunState, task: str) -> None:
     shapes = fed.task_shapes(task)
     scenario = fed.run.scenario
     group = sum(k for c, k in scenario.per_round.items() if scenario.class_task(c) == task)
@@ -36,5 +36,5 @@ def test_each_tasks_upload_matches_its_mode(fed: Federation, task: str) -> None:
     if not fed.run.secure_aggregation:
         assert fed.upload_bytes(task) == plain
         return
-    assert fed.upload_bytes(task) == packed_size(vector_length(shapes), m)
+    assert fed.upload_bytes(task) == packed_size(vector_length(fed.run.rule, shapes), m)
     assert plain < fed.upload_bytes(task) <= 1.25 * plain  # m bits, not a 64-bit word per coordinate

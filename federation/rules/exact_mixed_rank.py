@@ -1,6 +1,7 @@
-"""The aggregation rule: a sum of what devices upload, then one division on the server.
+"""`exact-mixed-rank` (the default rule): a sum of what devices upload, then one division.
 
-FedAvg (McMahan et al., AISTATS 2017) generalised to exact heterogeneous-rank LoRA under a shared
+FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", AISTATS 2017) generalised to exact heterogeneous-rank LoRA under a shared
 frozen A (docs/architecture.md, "LoRA aggregation"). A device uploads a *contribution*:
 
 - for every shared key, its delta (new - global) times its weight p_k (examples trained on);
@@ -9,16 +10,17 @@ frozen A (docs/architecture.md, "LoRA aggregation"). A device uploads a *contrib
   r_max); for any other key (heads) a single p_k.
 
 The server only *adds* contributions (in plaintext, or under secure aggregation, which reveals
-nothing but the sum), then `apply` divides: each B column becomes the weighted mean over the
+nothing but the sum), then `finalize` divides: each B column becomes the weighted mean over the
 devices that trained it, each head the weighted mean over the devices of its task, and what
 nobody trained keeps its value. With A frozen and shared, sum_k p_k B_k A = (sum_k p_k B_k) A,
 so for devices of one rank the new adapter is exactly the weighted mean of their updates
 B_k A; for mixed ranks each block of columns is the weighted mean over the devices that
-trained it (small devices do not dilute what large ones learned).
+trained it (small devices do not dilute what large ones learned). The frozen shared A follows
+FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
 
-In the FedJAX style the rule is plain functions over explicit state: `contribution` on the
-device; `init` / `add` / `apply` on the server. The state is one running sum per key, so memory
-does not grow with the number of devices in a round.
+As a `federation.rules.Rule` (`RULE`): `contribution` on the device; `init` / `add` / `finalize`
+on the server, then `add_mean_delta`. The state is one running sum per key, so memory does not
+grow with the number of devices in a round.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from federation.rules.base import Rule, Slot, add_mean_delta
+
+NAME = "exact-mixed-rank"
 WEIGHT = "#weight"
 
 
@@ -95,32 +100,43 @@ def add(state: SumState, contrib: Mapping[str, np.ndarray]) -> SumState:
     return state
 
 
-def apply(
-    state: SumState, global_state: Mapping[str, np.ndarray], server_lr: float = 1.0
-) -> dict[str, np.ndarray]:
-    """The new global state: each key moves by the weighted mean delta of its contributors."""
-    new = {k: np.array(v, copy=True) for k, v in global_state.items()}
+def finalize(state: SumState) -> dict[str, np.ndarray]:
+    """The mean delta of every key someone trained: each B column over the devices that trained
+    it (0 where none did), every other key over its contributors."""
+    out: dict[str, np.ndarray] = {}
     for key, total in state.sums.items():
-        if key.endswith(WEIGHT) or key not in new:
+        if key.endswith(WEIGHT) or key + WEIGHT not in state.sums:
             continue
         weights = state.sums[key + WEIGHT]
         if is_column_key(key):
             w = _column_view(weights, total.ndim)
-            mean = np.divide(total, w, out=np.zeros_like(total), where=w > 0)
+            out[key] = np.divide(total, w, out=np.zeros_like(total), where=w > 0)
         elif weights[0] > 0:
-            mean = total / weights[0]
-        else:
-            continue
-        new[key] = (new[key].astype(np.float64) + server_lr * mean).astype(new[key].dtype)
-    return new
+            out[key] = total / weights[0]
+    return out
+
+
+def apply(
+    state: SumState, global_state: Mapping[str, np.ndarray], server_lr: float = 1.0
+) -> dict[str, np.ndarray]:
+    """The new global state: each key moves by the weighted mean delta of its contributors."""
+    return add_mean_delta(global_state, finalize(state), server_lr)
+
+
+def layout(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Slot]:
+    """What a device uploads for a task of these state shapes: every key's weighted delta, and
+    its weights (`KEY#weight`: per column, axis 1, for a LoRA B; one for any other key)."""
+    out: dict[str, Slot] = {}
+    for key, shape in shapes.items():
+        column = is_column_key(key)
+        out[key] = Slot(tuple(shape), weighted_by=key + WEIGHT, axis=1 if column else None)
+        out[key + WEIGHT] = Slot((shape[1],) if column else (1,), weights=True)
+    return out
 
 
 def expected_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Shapes of a contribution to a state with these shapes (weights included)."""
-    out = dict(shapes)
-    for key, shape in shapes.items():
-        out[key + WEIGHT] = (shape[1],) if is_column_key(key) else (1,)
-    return out
+    return {key: slot.shape for key, slot in layout(shapes).items()}
 
 
 def validate_contribution(
@@ -157,3 +173,19 @@ def validate_contribution(
             if np.any(np.where(untrained, np.asarray(contrib[key]), 0) != 0):
                 return f"{key} has non-zero values in columns the device did not train"
     return None
+
+
+RULE = Rule(
+    name=NAME,
+    paper="FedAvg (McMahan et al., AISTATS 2017) over LoRA B with a shared frozen A (FFA-LoRA, "
+    "Sun et al., ICLR 2024), per-column weights for mixed ranks",
+    is_sum=True,
+    not_sum_reason="",
+    layout=layout,
+    upload=contribution,
+    check=validate_contribution,
+    init=init,
+    add=add,
+    finalize=finalize,
+    update=add_mean_delta,
+)
