@@ -397,7 +397,7 @@ def _deploy_say(line: str) -> None:
 def deploy_run(
     directory: Annotated[Path, typer.Option("--dir", help=DEPLOY_DIR_HELP)] = Path(".fedge-deploy"),
     rounds: Annotated[int | None, typer.Option(help="rounds (default: the scenario's)")] = None,
-    seed: int = 0,
+    seed: int = run_default("seed"),
     out: Annotated[Path | None, typer.Option(help="output folder")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     resume: Annotated[

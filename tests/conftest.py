@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,3 +220,24 @@ def app() -> Any:
 def run_processes() -> type[RunProcesses]:
     """`with run_processes(deadline_s) as procs: <start a run>`; see RunProcesses."""
     return RunProcesses
+
+
+@contextlib.contextmanager
+def _restored_registries() -> Iterator[None]:
+    """Device classes, scenarios and tasks a test adds stay in that test (the registries are
+    process-wide): what was registered before is put back afterwards."""
+    from federation import devices, scenarios, tasks
+
+    registries = (devices._added, scenarios._loaded, tasks._resolved)
+    saved = tuple(dict(r) for r in registries)
+    yield
+    for registry, before in zip(registries, saved, strict=True):
+        registry.clear()
+        registry.update(before)
+    devices._in_force.clear()  # rebuilt from the built-in catalogue + what was added before
+
+
+@pytest.fixture(scope="session")
+def restored_registries() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """`with restored_registries(): ...` (see `_restored_registries`)."""
+    return _restored_registries

@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from importlib.metadata import distribution, entry_points
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,16 +36,10 @@ def test_the_example_is_installed_from_examples_and_declares_its_plugins() -> No
 
 
 @pytest.fixture(scope="module", autouse=True)
-def registries_restored() -> Iterator[None]:
+def registries_restored(restored_registries: Any) -> Iterator[None]:
     """The notepad class and the digits task this module loads stay in this module."""
-    from federation import devices, scenarios, tasks
-
-    saved = (dict(devices._added), dict(scenarios._loaded), dict(tasks._resolved))
-    yield
-    for registry, before in zip((devices._added, scenarios._loaded, tasks._resolved), saved, strict=True):
-        registry.clear()
-        registry.update(before)
-    devices._in_force.clear()
+    with restored_registries():
+        yield
 
 
 @pytest.fixture(scope="module")

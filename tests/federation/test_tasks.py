@@ -14,10 +14,11 @@ import textwrap
 from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from federation import devices, scenarios, tasks
+from federation import tasks
 from federation.config import RunConfig, unknown_setting_error
 from federation.defaults import run_defaults
 from federation.devices import builtin_catalogue, default_catalogue
@@ -29,7 +30,7 @@ from federation.tasks import Task, get_task, known_tasks
 ROOT = Path(__file__).resolve().parents[2]
 
 # An outside task: a subclass of fedge's sensor task under its own name (a real, complete Task).
-OUTSIDE_MODULE = '''
+OUTSIDE_MODULE = """
 from dataclasses import replace
 
 from federation.tasks.sensor import SensorTask
@@ -40,7 +41,7 @@ class WristTask(SensorTask):
 
 
 TASK = WristTask()
-'''
+"""
 
 TIER = """
 compute_gflops = 3.0
@@ -82,14 +83,10 @@ def _scenario_file(tmp_path: Path, device_class: str, task: str, name: str = "pl
 
 
 @pytest.fixture(autouse=True)
-def registries_restored() -> Iterator[None]:
+def registries_restored(restored_registries: Any) -> Iterator[None]:
     """Classes, scenarios and tasks these tests add stay in these tests (process-wide registries)."""
-    saved = (dict(devices._added), dict(scenarios._loaded), dict(tasks._resolved))
-    yield
-    for registry, before in zip((devices._added, scenarios._loaded, tasks._resolved), saved, strict=True):
-        registry.clear()
-        registry.update(before)
-    devices._in_force.clear()  # rebuilt from the built-in catalogue + what was added before
+    with restored_registries():
+        yield
 
 
 @pytest.fixture
