@@ -30,6 +30,7 @@ from federation.model.edge import initial_state, task_slice
 from federation.tasks import get_task
 from server.messaging import send_and_stream
 from server.round import MetricsEntry, RoundResult
+from server.status import CHECKED_IN, DONE, WAITING, write_status
 
 NODE_WAIT_S = 30.0
 
@@ -462,6 +463,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
             from federation.evaluation import held_out
 
             held_out(run.scenario, task, run.seed, run.seq_len, run.cache_dir)
+    write_status(fed.out, WAITING, devices_wanted=run.scenario.size)
     nodes = _wait_for_nodes(grid, run.scenario.size)
     if run.scenario.candidate_pool:
         fed.candidates(0)  # a large fleet checks in lazily: a first seeded pool only
@@ -469,6 +471,7 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
         check_in(grid, fed.registry, nodes, run.round_timeout)
     counts = {c: len(fed.registry.of_class(c)) for c in run.scenario.fleet}
     log(INFO, "fedge: %d devices checked in: %s", len(fed.registry.nodes), counts)
+    write_status(fed.out, CHECKED_IN, devices=counts, start_round=fed.start_round)
     last = run.rounds
     if fed.start_round == 1:
         start = time.perf_counter()
@@ -492,5 +495,6 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any], run_id: int = 0) -
     from server.report import write_report
 
     write_report(fed)
+    write_status(fed.out, DONE, rounds=last)
     log(INFO, "fedge: results in %s", fed.out)
     return fed.out

@@ -121,7 +121,8 @@ def simulate_scenario(
     peak_rss: list[int] | None = None,
 ) -> Path:
     from federation.scenarios import get_scenario
-    from simulations.progress import RoundFollower, round_line
+    from server.status import FAILED, read_status
+    from simulations.progress import RoundFollower, round_line, status_line
     from simulations.runner import run_flwr
 
     started = time.monotonic()
@@ -141,7 +142,6 @@ def simulate_scenario(
     if plain:
         rounds_text = f"{total} round{'s' if total != 1 else ''}"
         print(f"fedge: {scenario}, {rounds_text}, output {out}; starting Flower's simulation", flush=True)
-    errors: list[str] = []
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -160,17 +160,19 @@ def simulate_scenario(
             else:
                 progress.update(bar, completed=entry["round"], status=line.split(": ", 1)[-1][:70])
 
-        def on_line(line: str) -> None:
-            if "fedge:" in line and ("ERROR" in line or "error" in line.lower()):
-                errors.append(line)
-            elif "checked in" in line:
-                progress.update(bar, status="devices checked in; round 0 evaluation")
+        def on_status(status: dict) -> None:
+            if status["stage"] != FAILED:  # a failure is reported once, below
+                progress.update(bar, status=status_line(status))
 
-        with RoundFollower(out / "metrics.jsonl", on_round):
-            code = run_flwr(config, spec.size, on_line=on_line, log_path=out / "flwr.log", peak_rss=peak_rss)
+        with RoundFollower(out / "metrics.jsonl", on_round, on_status=on_status):
+            code = run_flwr(config, spec.size, log_path=out / "flwr.log", peak_rss=peak_rss)
     summary_path = out / "summary.json"
     if code != 0 or not summary_path.exists():
-        detail = errors[-1] if errors else f"see {out / 'flwr.log'}"
+        status = read_status(out)
+        if status is not None and status["stage"] == FAILED:
+            detail = f"{status.get('error')} (log: {out / 'flwr.log'})"
+        else:
+            detail = f"see {out / 'flwr.log'}"
         raise FedgeError(f"simulation failed (exit {code}): {detail}")
     if not quiet:
         print_summary(json.loads(summary_path.read_text()))

@@ -3,7 +3,8 @@
 The server appends one JSON object per round (round 0 is the pretrained start) and flushes it
 when the round ends; `fedge simulate` follows that file, rather than parsing Flower's log text,
 to move its progress bar on a terminal or to print one plain line per round when stdout is a
-pipe or a file (CI, `| tee`, a log).
+pipe or a file (CI, `| tee`, a log). What happens outside the rounds (check-in, a failure) it
+reads from the server's status.json beside it (server/status.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.metrics import PRIMARY_METRIC
+from server.status import CHECKED_IN, FAILED, WAITING, read_status
 
 
 class MetricsTail:
@@ -88,17 +90,48 @@ def round_line(entry: dict[str, Any], total_rounds: int, elapsed_s: float) -> st
     return f"{label}: {metrics}; elapsed {format_elapsed(elapsed_s)}"
 
 
-class RoundFollower:
-    """Calls `on_entry` for each round's entry as it lands in metrics.jsonl (a polling thread)."""
+def status_line(status: dict[str, Any]) -> str:
+    """A few words for the run's stage outside its rounds (server/status.py's status.json)."""
+    stage = status["stage"]
+    if stage == WAITING:
+        return f"waiting for {status.get('devices_wanted', 'the')} devices to connect"
+    if stage == CHECKED_IN:
+        devices = status.get("devices") or {}
+        counted = ", ".join(f"{n} {cls}" for cls, n in devices.items())
+        return f"devices checked in ({counted}); evaluating the start" if counted else "devices checked in"
+    if stage == FAILED:
+        return f"failed: {status.get('error', 'no reason recorded')}"
+    return stage
 
-    def __init__(self, path: Path, on_entry: Callable[[dict[str, Any]], None], every_s: float = 0.5) -> None:
+
+class RoundFollower:
+    """Calls `on_entry` for each round's entry as it lands in metrics.jsonl and, when given,
+    `on_status` for each new status.json of the same folder (one polling thread).
+
+    A status already there when the follower starts (a reused `--out` folder, a resumed run) is
+    not news, like metrics lines already written."""
+
+    def __init__(
+        self,
+        path: Path,
+        on_entry: Callable[[dict[str, Any]], None],
+        every_s: float = 0.5,
+        on_status: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.tail = MetricsTail(path)
         self.on_entry = on_entry
+        self.on_status = on_status
         self.every_s = every_s
+        self._last_status = read_status(path.parent)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _poll(self) -> None:
+        if self.on_status is not None:
+            status = read_status(self.tail.path.parent)
+            if status is not None and status != self._last_status:
+                self._last_status = status
+                self.on_status(status)
         for entry in self.tail.read_new():
             self.on_entry(entry)
 

@@ -72,3 +72,21 @@ def test_the_run_listens_and_connects_on_loopback_only(smoke_run: tuple[Path, An
     _, procs = smoke_run
     assert any(s.kind == "listen" for s in procs.sockets), "the watch saw no listening socket"
     assert not procs.non_loopback(), procs.non_loopback()
+
+
+def test_the_run_ends_with_a_done_status(smoke_run: tuple[Path, Any]) -> None:
+    out, _ = smoke_run
+    status = json.loads((out / "status.json").read_text())
+    assert status == {"stage": "done", "rounds": 2}
+
+
+def test_a_run_the_server_refuses_fails_with_the_servers_reason(tmp_path: Path, run_processes: Any) -> None:
+    """A setting only the server can check (the CA of certified keys is read when the run starts):
+    the user's error names it, read from the run's status.json, not from Flower's log text."""
+    from federation.errors import FedgeError
+
+    missing_ca = {"secagg-pki": str(tmp_path / "no-ca")}
+    with run_processes(deadline_s=300), pytest.raises(FedgeError) as refused:
+        simulate_scenario("smoke", 1, 0, tmp_path / "run", missing_ca, quiet=True)
+    message = str(refused.value)
+    assert "simulation failed" in message and "secagg-pki" in message and "flwr.log" in message, message

@@ -7,7 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from simulations.progress import MetricsTail, RoundFollower, format_elapsed, round_line
+from server.status import CHECKED_IN, DONE, FAILED, WAITING, write_status
+from simulations.progress import MetricsTail, RoundFollower, format_elapsed, round_line, status_line
 
 ROUND_0 = {
     "round": 0,
@@ -95,3 +96,19 @@ def test_the_last_rounds_twin_evaluations_are_said_once() -> None:
         "round 3/3: phone top1 0.0812, tv auc 0.5521, tv auc on devices 0.6100, sensor accuracy 0.4410; "
         "elapsed 10s"
     )
+
+
+def test_the_follower_reports_each_new_status_but_not_a_stale_one(tmp_path: Path) -> None:
+    write_status(tmp_path, DONE, rounds=3)  # left by an earlier run in a reused folder: not news
+    seen: list[str] = []
+    with RoundFollower(tmp_path / "metrics.jsonl", lambda _e: None, every_s=3600, on_status=seen.append):
+        write_status(tmp_path, WAITING, devices_wanted=9)
+        write_status(tmp_path, CHECKED_IN, devices={"phone": 3, "tv": 3})
+    # polled once at exit: the latest status is what a watcher sees
+    assert [s["stage"] for s in seen] == [CHECKED_IN]
+    assert status_line(seen[0]) == "devices checked in (3 phone, 3 tv); evaluating the start"
+
+
+def test_status_lines_say_the_stage_in_words() -> None:
+    assert status_line({"stage": WAITING, "devices_wanted": 9}) == "waiting for 9 devices to connect"
+    assert status_line({"stage": FAILED, "error": "no CA"}) == "failed: no CA"
