@@ -37,6 +37,7 @@ from pathlib import Path
 
 import psutil
 
+from clients.exchange_log import LOG_VAR as EXCHANGE_LOG_VAR
 from federation.errors import FedgeError
 from federation.scenarios import fleet_order, get_scenario
 from simulations.credentials import CertificateFiles, init_certificates, node_key
@@ -110,6 +111,7 @@ class DeploymentState:
     token: str  # every process of the deployment carries it in its environment
     pids: dict[str, int] = field(default_factory=dict)  # process name -> PID
     nodes: list[dict[str, str]] = field(default_factory=list)
+    exchange_log: str = ""  # a file every ClientApp process appends its exchange's timing to (or "")
 
     @property
     def path(self) -> Path:
@@ -141,7 +143,10 @@ class DeploymentState:
             raise FedgeError(f"{path} is damaged ({exc}): stop its processes by hand") from None
 
     def env(self) -> dict[str, str]:
-        return simulation_env(Path(self.directory), self.token)
+        env = simulation_env(Path(self.directory), self.token)
+        if self.exchange_log:
+            env[EXCHANGE_LOG_VAR] = self.exchange_log
+        return env
 
 
 def write_connection(state: DeploymentState) -> Path:
@@ -219,6 +224,7 @@ def up(
     directory: str | Path,
     insecure: bool = False,
     on_line: Callable[[str], None] | None = None,
+    exchange_log: str | Path | None = None,
 ) -> DeploymentState:
     """Start a SuperLink and one SuperNode per device of `scenario`; leave them running.
 
@@ -233,6 +239,8 @@ def up(
     specs = node_specs(scenario)
     root.mkdir(parents=True, exist_ok=True)
     state = DeploymentState(str(root), scenario, free_port(), insecure, secrets.token_hex(8))
+    if exchange_log:
+        state.exchange_log = str(Path(exchange_log).resolve())
     state.nodes = [asdict(s) for s in specs]
     if insecure:
         say(f"WARNING: {INSECURE_WARNING}")
