@@ -50,7 +50,7 @@ def train_locally(msg: Message, context: Context):
     """
     from clients.exchange_log import enabled, phase, record
 
-    with phase("imports"):
+    with phase("imports (model code: torch, transformers, peft)"):
         from federation.local import local_train
 
         if enabled():  # measured apart from the model build, which imports it anyway

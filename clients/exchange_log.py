@@ -60,6 +60,18 @@ def _process_started() -> float:
     return boot + start_ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _who(args: tuple[Any, ...]) -> dict[str, Any]:
+    """The device (class-index, from its node config) and the server round of a handler's call."""
+    who: dict[str, Any] = {}
+    msg, context = (*args, None, None)[:2]
+    with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+        node = context.node_config  # type: ignore[union-attr]
+        who["device"] = f"{node.get('device-class', 'partition')}-{node.get('partition-id', '?')}"
+    with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+        who["round"] = int(msg.content["config"]["server-round"])  # type: ignore[union-attr]
+    return who
+
+
 def timed(exchange: str) -> Callable[[Handler], Handler]:
     """Decorate a ClientApp handler: one JSON line per call to `$FEDGE_EXCHANGE_LOG` when set."""
 
@@ -83,6 +95,7 @@ def timed(exchange: str) -> Callable[[Handler], Handler]:
                     started = _APP_IMPORTED_AT
                 line = {
                     "exchange": exchange,
+                    **_who(args),
                     "pid": os.getpid(),
                     "ok": ok,
                     "start": round(_APP_IMPORTED_AT - started, 3),

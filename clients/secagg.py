@@ -168,7 +168,8 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     if params.server_round != int(config["server-round"]):
         raise ParameterError("secure-aggregation parameters are for another round")
     # checked before training: a downgraded or replayed round costs the device nothing
-    expected = _expected(context)
+    with phase("run config (imports torch)"):
+        expected = _expected(context)
     with phase("crypto"):
         session, c_public, s_public = device_keys(params, int(config["sa-my-id"]), expected)
     certified = _pki(context)

@@ -511,6 +511,18 @@ def bench_secagg(
     secagg(seed, console, simulate_scenario, parsed, legacy)
 
 
+@bench_app.command("deploy")
+def bench_deploy(
+    seed: int = 0, rounds: Annotated[int, typer.Option(help="rounds of each run (>= 2)")] = 3
+) -> None:
+    """The same small secure scenario simulated and deployed (TLS + node auth); last line: ratio."""
+    from simulations.bench import deploy
+
+    if rounds < 2:
+        raise FedgeError("--rounds: at least 2 (round 1 is left out of the means)")
+    deploy(seed, console, simulate_scenario, rounds)
+
+
 def main() -> None:
     try:
         app()

@@ -40,7 +40,7 @@ import psutil
 from clients.exchange_log import LOG_VAR as EXCHANGE_LOG_VAR
 from federation.errors import FedgeError
 from federation.scenarios import fleet_order, get_scenario
-from simulations.credentials import CertificateFiles, init_certificates, node_key
+from simulations.credentials import CertificateFiles, init_certificates, node_key, secagg_device_credential
 from simulations.runner import (
     APP_DIR,
     TOKEN_VAR,
@@ -53,6 +53,7 @@ from simulations.runner import (
 
 CONNECTION = "fedge"  # the connection's name in the deployment's own FLWR_HOME/config.toml
 STATE_FILE = "deployment.json"
+SUPEREXEC_POLL_VAR = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # read by flower-superexec (seconds, 0.01-60)
 INSECURE_WARNING = (
     "INSECURE deployment: no TLS (every update and the global model travel in plain HTTP) and no "
     "node authentication (any process that reaches the port joins the federation as a device)"
@@ -126,6 +127,30 @@ class DeploymentState:
         return Path(self.directory) / "keys"
 
     @property
+    def secagg_credentials(self) -> Path:
+        """Where the devices' certified secure-aggregation keys are: `devices/<name>.key|.cert`."""
+        return Path(self.directory)
+
+    def node_config(self, spec: NodeSpec) -> str:
+        """A SuperNode's `--node-config`: the device (class, index, tier) and, when secure, where
+        its certified secure-aggregation key is."""
+        if self.insecure:
+            return spec.node_config
+        return (
+            f"{spec.node_config} secagg-device-name='{spec.name}' "
+            f"secagg-credentials='{self.secagg_credentials}'"
+        )
+
+    def run_config(self, run_config: Mapping[str, object]) -> dict[str, object]:
+        """The run config a run on this deployment gets: when secure, `secagg-pki` names the
+        operator CA's folder (its `ca.pub`), so every round's keys must be signed by certified
+        device keys (an explicit `secagg-pki` wins)."""
+        config = dict(run_config)
+        if not self.insecure:
+            config.setdefault("secagg-pki", str(self.certs.directory))
+        return config
+
+    @property
     def logs(self) -> Path:
         return Path(self.directory) / "logs"
 
@@ -144,6 +169,9 @@ class DeploymentState:
 
     def env(self) -> dict[str, str]:
         env = simulation_env(Path(self.directory), self.token)
+        # How often each node's SuperExec asks its SuperNode for a message to run (Flower's
+        # default 1 s): a fifth of that takes ~0.4 s off the mean wait of every exchange.
+        env.setdefault(SUPEREXEC_POLL_VAR, "0.2")
         if self.exchange_log:
             env[EXCHANGE_LOG_VAR] = self.exchange_log
         return env
@@ -251,6 +279,8 @@ def up(
         for spec in specs:
             if not (state.keys / spec.name).exists():
                 node_key(state.keys / spec.name)
+            if not (state.secagg_credentials / "devices" / f"{spec.name}.key").exists():
+                secagg_device_credential(state.certs.directory, state.secagg_credentials, spec.name)
     write_connection(state)
     state.save()
     try:
@@ -267,7 +297,7 @@ def up(
         for spec in specs:
             if not insecure:
                 register_node(state, state.keys / f"{spec.name}.pub")
-            proc = start_supernode(state, spec.name, spec.node_config)
+            proc = start_supernode(state, spec.name, state.node_config(spec))
             say(f"SuperNode {spec.name} ({spec.node_config}) PID {proc.pid}")
     except BaseException:
         down(state)
@@ -330,7 +360,7 @@ def run(
         CONNECTION,
         "--stream",
         "--run-config",
-        run_config_arg(run_config),
+        run_config_arg(state.run_config(run_config)),
     ]
     proc = subprocess.Popen(
         cmd, env=state.env(), cwd=str(APP_DIR), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
