@@ -371,6 +371,22 @@ def node_key_cmd(
     console.print(f"{private} (private, 0600: only on the node) and {public} (`flwr supernode register`)")
 
 
+@app.command("secagg-key")
+def secagg_key_cmd(
+    name: Annotated[str, typer.Argument(help="the device's name (its SuperNode's secagg-device-name)")],
+    ca: Annotated[Path, typer.Option("--ca", help="the folder of `fedge certs init` (its ca.key)")],
+    out: Annotated[Path, typer.Option("--out", help="folder to write devices/NAME.key and .cert in")],
+    force: Annotated[bool, typer.Option("--force", help="replace existing files")] = False,
+) -> None:
+    """Issue a device's certified secure-aggregation signing key from the operator CA (Ed25519)."""
+    from simulations.credentials import secagg_device_credential
+
+    key, cert = secagg_device_credential(ca, out, name, force=force)
+    console.print(f"{key} (private, 0600: only on the device) and {cert}")
+    node_config = f"secagg-device-name='{name}' secagg-credentials='{out}'"
+    console.print(f'its SuperNode: --node-config "... {node_config}"')
+
+
 @deploy_app.command("up")
 def deploy_up(
     scenario: Annotated[str, typer.Option(help="named scenario: one SuperNode per device")] = "smoke",

@@ -6,6 +6,8 @@ round with them end to end.)"""
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,17 @@ def test_a_secure_deployment_names_each_nodes_credential_and_requires_certified_
     assert state.run_config({"secagg-pki": "/elsewhere"})["secagg-pki"] == "/elsewhere"  # explicit wins
     plain = DeploymentState(str(tmp_path), "deploy-check", 9999, insecure=True, token="t")
     assert plain.node_config(spec) == spec.node_config and "secagg-pki" not in plain.run_config({})
+
+
+def test_fedge_secagg_key_issues_a_device_credential_from_the_ca(tmp_path: Path) -> None:
+    """The command a multi-host operator runs per device (docs/deployment.md)."""
+    fedge = str(Path(sys.executable).parent / "fedge")
+    certs = init_certificates(tmp_path / "creds")
+    args = [fedge, "secagg-key", "watch-3", "--ca", str(certs.directory), "--out", str(tmp_path / "watch-3")]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "secagg-device-name='watch-3'" in done.stdout
+    credential = pki.load_credential(tmp_path / "watch-3", "watch-3")
+    assert pki.verify_certificate(certs.ca_pub.read_bytes(), credential.certificate)[0] == "watch-3"
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 2 and "not overwritten" in again.stderr
