@@ -13,9 +13,14 @@ partition-id=0 tier='high'"` (its index within its class), exactly as a real fle
 Everything listens on 127.0.0.1. `up` records every PID it starts (and a token every process
 they start inherits) in `<dir>/deployment.json`; `down` stops exactly those.
 
-Cost note: with Flower's default `--isolation subprocess`, a SuperNode starts a fresh
-`flwr-clientapp` process per message, which re-imports torch/peft (~10-20 s here), so a
-deployment round costs that per exchange; simulation keeps its actors warm.
+Secure aggregation runs with certified device keys: `up` issues each device's signing key from
+the deployment's CA (`devices/<name>.key|.cert`), each SuperNode's node config names it
+(`secagg-device-name`, `secagg-credentials`), and `run` sets `secagg-pki` to the CA's folder.
+
+Cost note: Flower 1.42's SuperNode starts a fresh `flwr-clientapp` process per message (there is
+no supported long-lived ClientApp process), so every exchange pays a process start and Flower's
+polling; only the exchanges that train or evaluate also import torch/transformers/peft
+(docs/deployment.md, "Where a deployed exchange's seconds go"). Simulation keeps its actors warm.
 """
 
 from __future__ import annotations

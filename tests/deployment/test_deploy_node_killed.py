@@ -21,6 +21,7 @@ processes per exchange on two cores, plus the round's wait for the dead node (`-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -49,9 +50,11 @@ device_clock = false
 
 
 def _exchanges(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    calls = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):  # a line still being written
+            calls.append(json.loads(line))
+    return calls
 
 
 def _wait(what: str, until: Any, deadline: float) -> Any:
