@@ -246,7 +246,9 @@ def run_flwr(
 
         started = time.monotonic()
         for attempt in (1, 2):
-            left = None if timeout_s is None else max(1.0, timeout_s - (time.monotonic() - started))
+            left = timeout_s  # the retry gets what is left of it
+            if timeout_s is not None and attempt == 2:
+                left = max(1.0, timeout_s - (time.monotonic() - started))
             proc = subprocess.Popen(
                 cmd,
                 env=env,
