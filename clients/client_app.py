@@ -9,9 +9,13 @@ Three message handlers:
 - `train.secagg_keys` / `train.secagg_mask` / `train.secagg_unmask`: the device's side of
   secure aggregation (`clients/secagg.py`), the default.
 
-Module imports stay light (no torch at import): a SuperNode may start a fresh process per
-message, and importing torch/peft there is paid per message. Heavy objects (backbones, data)
-are cached per process.
+Module imports stay light (no torch at import): a SuperNode starts a fresh process per message
+(Flower 1.42), and importing torch/peft there is paid per message. Only the handlers that train or
+evaluate (query's data check, train, evaluate, `train.secagg_keys`) import torch, transformers and
+peft; secure aggregation's mask, check and unmask steps run on numpy and `cryptography` alone
+(tests/deployment/test_light_exchanges.py). Heavy objects (backbones, data) are cached per
+process. With `FEDGE_EXCHANGE_LOG` set, every handler logs where its seconds went
+(`clients/exchange_log.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from clients.device import PRIVATE_KEY, _array, _data, _setup, _stored_private, train_locally
+from clients.exchange_log import timed
 from clients.secagg import register_secure_handlers
 
 __all__ = ["PRIVATE_KEY", "app"]
@@ -28,6 +33,7 @@ app = ClientApp()
 
 
 @app.query()
+@timed("query")
 def checkin(msg: Message, context: Context) -> Message:
     """Tell the server who this device is: class, task, tier and rank. No data or data size
     leaves (the aggregation weight stays inside the masked vectors). The data is loaded here so
@@ -43,6 +49,7 @@ def checkin(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@timed("train")
 def train(msg: Message, context: Context) -> Message:
     """A plain round (secure-aggregation = false): the server sees this device's update."""
     import numpy as np
@@ -59,6 +66,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@timed("evaluate")
 def evaluate(msg: Message, context: Context) -> Message:
     from federation.local import local_evaluate
 

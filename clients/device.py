@@ -9,6 +9,7 @@ each other.
 from __future__ import annotations
 
 import os
+import time
 
 from flwr.app import ArrayRecord, Context, Message
 
@@ -47,15 +48,26 @@ def train_locally(msg: Message, context: Context):
 
     A TV's updated private part goes to the node's state here; it is never part of a reply.
     """
-    from federation.local import local_train
+    from clients.exchange_log import enabled, phase, record
 
-    run, device = _setup(context)
+    with phase("imports (model code: torch, transformers, peft)"):
+        from federation.local import local_train
+
+        if enabled():  # measured apart from the model build, which imports it anyway
+            import peft  # noqa: F401
+    with phase("run config"):
+        run, device = _setup(context)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     if config.get("task") != device.task:
         raise ValueError(f"server sent task {config.get('task')!r} to a {device.task} device")
     shared = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    result = local_train(run, device, _data(run, device), shared, server_round, _stored_private(context))
+    with phase("data"):
+        data = _data(run, device)
+    started = time.perf_counter()
+    result = local_train(run, device, data, shared, server_round, _stored_private(context))
+    record("training", result.metrics["train_seconds"])
+    record("model", time.perf_counter() - started - result.metrics["train_seconds"])
     if result.private is not None:
         context.state[PRIVATE_KEY] = ArrayRecord({"user": _array(result.private)})
     return run, device, result, server_round

@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients.device import _setup, train_locally
+from clients.exchange_log import phase, timed
 
 SESSION = "fedge.secagg"  # context.state: this round's secrets and peers (device-local)
 ENCODED = "fedge.secagg.input"  # context.state: the encoded (unmasked) contribution
@@ -48,20 +49,34 @@ def _expected(context: Context):  # -> federation.secagg.protocol.Expected
     )
 
 
+def _run_setting(context: Context, key: str) -> Any:
+    """One run-config value, read without parsing the whole run config.
+
+    `RunConfig.parse` builds the model's and training's settings, whose modules import torch;
+    the exchanges that neither train nor evaluate (mask, check, unmask) need a setting or two
+    and must not pay that import in their fresh process. The same round's first step (keys,
+    which trains) parsed and validated this very run config."""
+    from federation.defaults import run_default
+
+    return context.run_config.get(key, run_default(key))
+
+
 def _pki(context: Context):  # -> (ca public key, this device's credential) or None
     """With run config `secagg-pki`: the CA's public key and this device's certified key.
 
-    A deployed device names its credential with node config `secagg-device-name`; a simulated
-    one is `partition-<id>`."""
+    A deployed device names its credential with node config `secagg-device-name` and finds it in
+    node config `secagg-credentials` (a folder holding `devices/<name>.key` and `.cert`: only its
+    own, on a real device); a simulated one is `partition-<id>`, in the `secagg-pki` folder."""
     from federation.secagg import pki
 
-    run, _ = _setup(context)
-    if not run.secagg_pki:
+    ca_dir = str(_run_setting(context, "secagg-pki"))
+    if not ca_dir:
         return None
     name = context.node_config.get("secagg-device-name")
     if not name:
         name = pki.device_name_for(int(context.node_config["partition-id"]))
-    return pki.load_ca_public(run.secagg_pki), pki.load_credential(run.secagg_pki, str(name))
+    own_dir = str(context.node_config.get("secagg-credentials") or ca_dir)
+    return pki.load_ca_public(ca_dir), pki.load_credential(own_dir, str(name))
 
 
 def _save_session(
@@ -153,12 +168,16 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     if params.server_round != int(config["server-round"]):
         raise ParameterError("secure-aggregation parameters are for another round")
     # checked before training: a downgraded or replayed round costs the device nothing
-    session, c_public, s_public = device_keys(params, int(config["sa-my-id"]), _expected(context))
+    with phase("run config (imports torch)"):
+        expected = _expected(context)
+    with phase("crypto"):
+        session, c_public, s_public = device_keys(params, int(config["sa-my-id"]), expected)
     certified = _pki(context)
     run, _, result, server_round = train_locally(msg, context)
     shapes = {k: tuple(v.shape) for k, v in result.delta.items()}
     weight = int(result.metrics["num-examples"])
-    encoded = encode_update(run.rule, result.delta, weight, shapes, params, rank=result.rank)
+    with phase("crypto"):
+        encoded = encode_update(run.rule, result.delta, weight, shapes, params, rank=result.rank)
     _save_session(context, session)
     context.state[ENCODED] = ArrayRecord({"x": Array(encoded)})
     keys = ConfigRecord({"c-pk": c_public, "s-pk": s_public})
@@ -166,7 +185,8 @@ def secagg_keys(msg: Message, context: Context) -> Message:
         _, credential = certified
         statement = pki.round_keys_statement(session.params_digest, session.my_id, c_public, s_public)
         keys["cert"] = credential.certificate
-        keys["sig"] = pki.sign(credential.private, statement)
+        with phase("crypto"):
+            keys["sig"] = pki.sign(credential.private, statement)
     metrics = MetricRecord(
         {"server-round": server_round, "train_loss": result.metrics["train_loss"],
          "train_seconds": result.metrics["train_seconds"]}
@@ -179,11 +199,11 @@ def _simulated_dropout(context: Context, params: Any) -> bool:
 
     The draw is keyed on the run's seed, the round and the device's data, not on Flower's
     random node and run ids, so the same run config drops the same devices every time."""
+    if float(_run_setting(context, "dropout-after-keys")) <= 0:
+        return False  # decided before anything imports torch (a deployment never sets it)
     from federation.data.common import stable_seed
 
     run, device = _setup(context)
-    if run.dropout_after_keys <= 0:
-        return False
     draw = stable_seed("secagg-dropout", run.seed, params.server_round, device.data_client) % 10_000
     return draw < run.dropout_after_keys * 10_000
 
@@ -217,18 +237,21 @@ def secagg_mask(msg: Message, context: Context) -> Message:
                 strict=True,
             )
         }
-        identities = check_peer_keys(
-            session, params, peers, ca_public=ca_public, credentials=credentials,
-            my_certificate=credential.certificate,
-        )  # fmt: skip
+        with phase("crypto"):
+            identities = check_peer_keys(
+                session, params, peers, ca_public=ca_public, credentials=credentials,
+                my_certificate=credential.certificate,
+            )  # fmt: skip
     if ENCODED not in context.state:
         raise ParameterError("this device already sent its masked vector in this round")
     encoded = context.state[ENCODED]["x"].numpy()
-    sealed, masked = device_mask(session, params, peers, encoded)
+    with phase("crypto"):
+        sealed, masked = device_mask(session, params, peers, encoded)
+        residues = pack_residues(masked, params.modulus_bits)
     _save_session(context, session, peers, identities)
     del context.state[ENCODED]  # from here on only the masked vector exists
     shares = ConfigRecord({"to": list(sealed), "sealed": [sealed[j] for j in sealed]})
-    packed = ArrayRecord({"y": Array(pack_residues(masked, params.modulus_bits))})
+    packed = ArrayRecord({"y": Array(residues)})
     return _reply(msg, params.server_round, shares=shares, masked=packed)
 
 
@@ -241,9 +264,10 @@ def secagg_check(msg: Message, context: Context) -> Message:
     if certified is None:
         raise ParameterError("this device holds no certified key (run config secagg-pki is empty)")
     session, _, _ = _load_session(context)
-    signature = device_endorse(
-        session, params, [int(j) for j in msg.content["config"]["survivors"]], certified[1].private
-    )
+    with phase("crypto"):
+        signature = device_endorse(
+            session, params, [int(j) for j in msg.content["config"]["survivors"]], certified[1].private
+        )
     _save_session(context, session)
     return _reply(msg, params.server_round, endorsement=ConfigRecord({"sig": signature}))
 
@@ -260,15 +284,17 @@ def secagg_unmask(msg: Message, context: Context) -> Message:
         int(j): bytes(sig)
         for j, sig in zip(config.get("endorsers", []), config.get("endorsements", []), strict=True)
     }
-    reveal = device_unmask(
-        session,
-        params,
-        [int(j) for j in config["survivors"]],
-        sealed,
-        peers,
-        endorsements=endorsements,
-        identities=identities if _pki(context) is not None else None,
-    )
+    certified = _pki(context)
+    with phase("crypto"):
+        reveal = device_unmask(
+            session,
+            params,
+            [int(j) for j in config["survivors"]],
+            sealed,
+            peers,
+            endorsements=endorsements,
+            identities=identities if certified is not None else None,
+        )
     _forget(context)
     record = ConfigRecord(
         {
@@ -291,4 +317,4 @@ def register_secure_handlers(app: ClientApp) -> None:
         ("secagg_check", secagg_check),
         ("secagg_unmask", secagg_unmask),
     ):
-        app.train(stage)(handler)
+        app.train(stage)(timed(f"train.{stage}")(handler))

@@ -190,3 +190,140 @@ def scale(seed: int, console: Console, simulate_scenario: Simulate) -> float:
     ratio = peaks["scale-10k"] / peaks["scale-100"]
     console.print(f"peak RSS ratio, 10,000 vs 100 registered devices: {ratio:.2f}")
     return ratio
+
+
+STAGE_EXCHANGE = {  # the server's secure-round stages and the device exchange each one is
+    "keys+train": "train.secagg_keys",
+    "mask": "train.secagg_mask",
+    "check": "train.secagg_check",
+    "unmask": "train.secagg_unmask",
+}
+
+
+def _steady_rounds(out: Path, first: int) -> list[dict]:
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rounds if r["round"] >= first]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _stage_means(rounds: list[dict]) -> dict[str, float]:
+    stages: dict[str, list[float]] = {}
+    for r in rounds:
+        for stage, seconds in r.get("secagg_stage_seconds", {}).items():
+            stages.setdefault(stage, []).append(seconds)
+    return {stage: _mean(v) for stage, v in stages.items()}
+
+
+def exchange_breakdown(lines: list[dict], first_round: int) -> dict[str, dict[str, float]]:
+    """Mean seconds per exchange kind, over the devices' processes of rounds >= `first_round`:
+    `start` (interpreter, Flower's imports, pulling the message and app), `app-import`,
+    `handler`, and each named phase inside the handler (0 where a process had none)."""
+    kinds: dict[str, list[dict]] = {}
+    for line in lines:
+        if line.get("ok") and line.get("round", first_round) >= first_round:
+            kinds.setdefault(line["exchange"], []).append(line)
+    out: dict[str, dict[str, float]] = {}
+    for kind, calls in kinds.items():
+        row = {key: _mean([c[key] for c in calls]) for key in ("start", "app-import", "handler")}
+        for name in sorted({p for c in calls for p in c["phases"]}):
+            row[name] = _mean([c["phases"].get(name, 0.0) for c in calls])
+        row["processes"] = float(len(calls))
+        row["torch-loaded"] = _mean([1.0 if "torch" in c["loaded"] else 0.0 for c in calls])
+        out[kind] = row
+    return out
+
+
+def deploy(seed: int, console: Console, simulate_scenario: Simulate, rounds: int = 3) -> float:
+    """Per-round time of one small scenario in a Flower simulation and in a local deployment.
+
+    The scenario: `deploy-check` (3 watches, 10 local steps each, all of them every round),
+    `rounds` rounds, secure aggregation with certified device keys (`secagg-pki`) in both, no
+    on-device evaluation. The deployment (`fedge deploy up`: SuperLink with TLS and node
+    authentication, 3 registered SuperNodes, each device's certified key; `fedge deploy run`)
+    runs on this machine's loopback; a simulation has no network, so TLS and node
+    authentication do not apply to it. Round 1 is left out of both means (the simulation's
+    pays Ray's start and the actors' imports). Prints both per-round times, the secure
+    stages of each (server's view), the deployment's per-exchange breakdown (from each
+    ClientApp process's own log, `FEDGE_EXCHANGE_LOG`), the load average, and last the ratio
+    deployment / simulation.
+    """
+    import os
+
+    from rich.table import Table
+
+    from federation.secagg.pki import create_fleet_pki, device_name_for
+    from simulations.deploy import down, run, up
+
+    scenario = "deploy-check"
+    sets: dict[str, object] = {"device-clock": False, "federated-eval-every": -1, "secure-aggregation": True}
+    with tempfile.TemporaryDirectory(prefix="fedge-bench-deploy-") as tmp_name:
+        tmp = Path(tmp_name)
+        pki_dir = create_fleet_pki(tmp / "pki", [device_name_for(p) for p in range(3)])
+        load_before = os.getloadavg()[0]
+        sim_out = simulate_scenario(
+            scenario, rounds, seed, tmp / "simulation", {**sets, "secagg-pki": str(pki_dir)}, quiet=True
+        )
+        sim = _steady_rounds(sim_out, 2)
+        exchanges = tmp / "exchanges.jsonl"
+        state = up(scenario, tmp / "deployment", exchange_log=exchanges)
+        config = {
+            "scenario": scenario,
+            "seed": seed,
+            "num-rounds": rounds,
+            "out-dir": str(tmp / "deployed"),
+            **sets,
+        }
+        try:
+            code = run(state, config, timeout_s=600.0 + 300.0 * rounds)
+        finally:
+            down(state)
+        if code != 0:
+            raise RuntimeError(f"the deployment's run failed (exit {code}): see {state.logs}")
+        dep = _steady_rounds(tmp / "deployed", 2)
+        lines = [json.loads(line) for line in exchanges.read_text().splitlines() if line.strip()]
+        load_after = os.getloadavg()[0]
+    if not sim or not dep:
+        raise RuntimeError("no steady rounds (run at least 2 rounds)")
+    sim_round = _mean([r["wall_seconds"] for r in sim])
+    dep_round = _mean([r["wall_seconds"] for r in dep])
+    sim_stages, dep_stages = _stage_means(sim), _stage_means(dep)
+    breakdown = exchange_breakdown(lines, 2)
+
+    stages = Table(title=f"secure round stages, mean of rounds 2-{rounds} (seconds, server's view)")
+    for col in ("stage", "simulation", "deployment", "deployment: process start", "handler",
+                "the rest: polling, queueing, transport"):  # fmt: skip
+        stages.add_column(col)
+    for stage in dep_stages:
+        row = breakdown.get(STAGE_EXCHANGE.get(stage, ""), {})
+        process = row.get("start", 0.0) + row.get("app-import", 0.0) + row.get("handler", 0.0)
+        rest = dep_stages[stage] - process if row else float("nan")
+        stages.add_row(stage, f"{sim_stages.get(stage, float('nan')):.2f}", f"{dep_stages[stage]:.2f}",
+                       f"{row.get('start', float('nan')):.2f}", f"{row.get('handler', float('nan')):.2f}",
+                       f"{rest:.2f}")  # fmt: skip
+    console.print(stages)
+    per_exchange = Table(title="deployment: where one exchange's seconds go (mean per ClientApp process)")
+    per_exchange.add_column("exchange")
+    per_exchange.add_column("processes")
+    per_exchange.add_column("process start")
+    per_exchange.add_column("handler")
+    per_exchange.add_column("inside the handler")
+    per_exchange.add_column("imported torch")
+    fixed = {"start", "app-import", "handler", "processes", "torch-loaded"}
+    for kind, row in sorted(breakdown.items()):
+        inside = ", ".join(f"{k} {v:.2f}" for k, v in row.items() if k not in fixed)
+        started = row["start"] + row["app-import"]
+        per_exchange.add_row(kind, f"{row['processes']:.0f}", f"{started:.2f}", f"{row['handler']:.2f}",
+                             inside or "-", f"{row['torch-loaded']:.0%}")  # fmt: skip
+    console.print(per_exchange)
+    console.print(
+        f"load average (1 min) before / after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} cores"
+    )
+    console.print(
+        f"simulation: {sim_round:.2f}s per round; deployment (TLS, node auth): {dep_round:.2f}s per round"
+    )
+    ratio = dep_round / sim_round
+    console.print(f"deployment/simulation per-round time ratio: {ratio:.2f}")
+    return ratio

@@ -373,6 +373,22 @@ def node_key_cmd(
     console.print(f"{private} (private, 0600: only on the node) and {public} (`flwr supernode register`)")
 
 
+@app.command("secagg-key")
+def secagg_key_cmd(
+    name: Annotated[str, typer.Argument(help="the device's name (its SuperNode's secagg-device-name)")],
+    ca: Annotated[Path, typer.Option("--ca", help="the folder of `fedge certs init` (its ca.key)")],
+    out: Annotated[Path, typer.Option("--out", help="folder to write devices/NAME.key and .cert in")],
+    force: Annotated[bool, typer.Option("--force", help="replace existing files")] = False,
+) -> None:
+    """Issue a device's certified secure-aggregation signing key from the operator CA (Ed25519)."""
+    from simulations.credentials import secagg_device_credential
+
+    key, cert = secagg_device_credential(ca, out, name, force=force)
+    console.print(f"{key} (private, 0600: only on the device) and {cert}")
+    node_config = f"secagg-device-name='{name}' secagg-credentials='{out}'"
+    console.print(f'its SuperNode: --node-config "... {node_config}"')
+
+
 @deploy_app.command("up")
 def deploy_up(
     scenario: Annotated[str, typer.Option(help="named scenario: one SuperNode per device")] = "smoke",
@@ -511,6 +527,18 @@ def bench_secagg(
     if unknown:
         raise FedgeError(f"--sizes {sorted(unknown)}: the benchmark fleets are 10 and 50 devices per round")
     secagg(seed, console, simulate_scenario, parsed, legacy)
+
+
+@bench_app.command("deploy")
+def bench_deploy(
+    seed: int = 0, rounds: Annotated[int, typer.Option(help="rounds of each run (>= 2)")] = 3
+) -> None:
+    """The same small secure scenario simulated and deployed (TLS + node auth); last line: ratio."""
+    from simulations.bench import deploy
+
+    if rounds < 2:
+        raise FedgeError("--rounds: at least 2 (round 1 is left out of the means)")
+    deploy(seed, console, simulate_scenario, rounds)
 
 
 def main() -> None:

@@ -14,6 +14,9 @@ Files of `init_certificates(DIR)`:
 - `ca.pub`: its raw public key (what secure aggregation's `secagg-pki` directory holds);
 - `superlink.crt`, `superlink.key` (0600): the SuperLink's `--ssl-certfile/--ssl-keyfile`.
 
+Secure-aggregation device keys (`secagg_device_credential(CA_DIR, DIR, NAME)`): `DIR/devices/
+NAME.key` (0600, raw Ed25519) and `NAME.cert`, certified by the same CA (`ca.key`).
+
 Node keys (`node_key(NAME)`): `NAME` (0600), an EC P-384 private key in OpenSSH format (the
 only format `flower-supernode --auth-supernode-private-key` reads), and `NAME.pub`, its
 `ecdsa-sha2-nistp384 ...` public key, the file `flwr supernode register` takes.
@@ -224,6 +227,27 @@ def node_key(path: str | Path, force: bool = False) -> tuple[Path, Path]:
     _write(private_path, private, private=True)
     _write(public_path, public + b"\n", private=False)
     return private_path, public_path
+
+
+def secagg_device_credential(
+    ca_directory: str | Path, directory: str | Path, name: str, force: bool = False
+) -> tuple[Path, Path]:
+    """A certified secure-aggregation signing key for device `name`, issued by the operator CA in
+    `ca_directory` (its `ca.key`) with `federation.secagg.pki.issue`: `directory/devices/<name>.key`
+    (raw Ed25519, 0600: that device only) and `<name>.cert`, the layout `pki.load_credential`
+    reads. The device finds them through its node config (`secagg-device-name`,
+    `secagg-credentials=directory`)."""
+    from federation.secagg import pki
+
+    if not name or "/" in name or name.startswith("."):
+        raise FedgeError(f"device name {name!r} is not a valid file name")
+    base = Path(directory) / "devices"
+    key_path, cert_path = base / f"{name}.key", base / f"{name}.cert"
+    _refuse_overwrite((key_path, cert_path), force)
+    credential = pki.issue(load_ca_key(ca_directory).private_bytes_raw(), name)
+    _write(key_path, credential.private, private=True)
+    _write(cert_path, credential.certificate, private=False)
+    return key_path, cert_path
 
 
 def verify_server_certificate(files: CertificateFiles) -> x509.Certificate:

@@ -13,9 +13,14 @@ partition-id=0 tier='high'"` (its index within its class), exactly as a real fle
 Everything listens on 127.0.0.1. `up` records every PID it starts (and a token every process
 they start inherits) in `<dir>/deployment.json`; `down` stops exactly those.
 
-Cost note: with Flower's default `--isolation subprocess`, a SuperNode starts a fresh
-`flwr-clientapp` process per message, which re-imports torch/peft (~10-20 s here), so a
-deployment round costs that per exchange; simulation keeps its actors warm.
+Secure aggregation runs with certified device keys: `up` issues each device's signing key from
+the deployment's CA (`devices/<name>.key|.cert`), each SuperNode's node config names it
+(`secagg-device-name`, `secagg-credentials`), and `run` sets `secagg-pki` to the CA's folder.
+
+Cost note: Flower 1.42's SuperNode starts a fresh `flwr-clientapp` process per message (there is
+no supported long-lived ClientApp process), so every exchange pays a process start and Flower's
+polling; only the exchanges that train or evaluate also import torch/transformers/peft
+(docs/deployment.md, "Where a deployed exchange's seconds go"). Simulation keeps its actors warm.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from pathlib import Path
 
 import psutil
 
+from clients.exchange_log import LOG_VAR as EXCHANGE_LOG_VAR
 from federation.errors import FedgeError
 from federation.scenarios import fleet_order, get_scenario
-from simulations.credentials import CertificateFiles, init_certificates, node_key
+from simulations.credentials import CertificateFiles, init_certificates, node_key, secagg_device_credential
 from simulations.runner import (
     APP_DIR,
     TOKEN_VAR,
@@ -52,6 +58,7 @@ from simulations.runner import (
 
 CONNECTION = "fedge"  # the connection's name in the deployment's own FLWR_HOME/config.toml
 STATE_FILE = "deployment.json"
+SUPEREXEC_POLL_VAR = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # read by flower-superexec (seconds, 0.01-60)
 INSECURE_WARNING = (
     "INSECURE deployment: no TLS (every update and the global model travel in plain HTTP) and no "
     "node authentication (any process that reaches the port joins the federation as a device)"
@@ -110,6 +117,7 @@ class DeploymentState:
     token: str  # every process of the deployment carries it in its environment
     pids: dict[str, int] = field(default_factory=dict)  # process name -> PID
     nodes: list[dict[str, str]] = field(default_factory=list)
+    exchange_log: str = ""  # a file every ClientApp process appends its exchange's timing to (or "")
 
     @property
     def path(self) -> Path:
@@ -122,6 +130,30 @@ class DeploymentState:
     @property
     def keys(self) -> Path:
         return Path(self.directory) / "keys"
+
+    @property
+    def secagg_credentials(self) -> Path:
+        """Where the devices' certified secure-aggregation keys are: `devices/<name>.key|.cert`."""
+        return Path(self.directory)
+
+    def node_config(self, spec: NodeSpec) -> str:
+        """A SuperNode's `--node-config`: the device (class, index, tier) and, when secure, where
+        its certified secure-aggregation key is."""
+        if self.insecure:
+            return spec.node_config
+        return (
+            f"{spec.node_config} secagg-device-name='{spec.name}' "
+            f"secagg-credentials='{self.secagg_credentials}'"
+        )
+
+    def run_config(self, run_config: Mapping[str, object]) -> dict[str, object]:
+        """The run config a run on this deployment gets: when secure, `secagg-pki` names the
+        operator CA's folder (its `ca.pub`), so every round's keys must be signed by certified
+        device keys (an explicit `secagg-pki` wins)."""
+        config = dict(run_config)
+        if not self.insecure:
+            config.setdefault("secagg-pki", str(self.certs.directory))
+        return config
 
     @property
     def logs(self) -> Path:
@@ -141,7 +173,13 @@ class DeploymentState:
             raise FedgeError(f"{path} is damaged ({exc}): stop its processes by hand") from None
 
     def env(self) -> dict[str, str]:
-        return simulation_env(Path(self.directory), self.token)
+        env = simulation_env(Path(self.directory), self.token)
+        # How often each node's SuperExec asks its SuperNode for a message to run (Flower's
+        # default 1 s): a fifth of that takes ~0.4 s off the mean wait of every exchange.
+        env.setdefault(SUPEREXEC_POLL_VAR, "0.2")
+        if self.exchange_log:
+            env[EXCHANGE_LOG_VAR] = self.exchange_log
+        return env
 
 
 def write_connection(state: DeploymentState) -> Path:
@@ -219,6 +257,7 @@ def up(
     directory: str | Path,
     insecure: bool = False,
     on_line: Callable[[str], None] | None = None,
+    exchange_log: str | Path | None = None,
 ) -> DeploymentState:
     """Start a SuperLink and one SuperNode per device of `scenario`; leave them running.
 
@@ -233,6 +272,8 @@ def up(
     specs = node_specs(scenario)
     root.mkdir(parents=True, exist_ok=True)
     state = DeploymentState(str(root), scenario, free_port(), insecure, secrets.token_hex(8))
+    if exchange_log:
+        state.exchange_log = str(Path(exchange_log).resolve())
     state.nodes = [asdict(s) for s in specs]
     if insecure:
         say(f"WARNING: {INSECURE_WARNING}")
@@ -243,6 +284,8 @@ def up(
         for spec in specs:
             if not (state.keys / spec.name).exists():
                 node_key(state.keys / spec.name)
+            if not (state.secagg_credentials / "devices" / f"{spec.name}.key").exists():
+                secagg_device_credential(state.certs.directory, state.secagg_credentials, spec.name)
     write_connection(state)
     state.save()
     try:
@@ -259,7 +302,7 @@ def up(
         for spec in specs:
             if not insecure:
                 register_node(state, state.keys / f"{spec.name}.pub")
-            proc = start_supernode(state, spec.name, spec.node_config)
+            proc = start_supernode(state, spec.name, state.node_config(spec))
             say(f"SuperNode {spec.name} ({spec.node_config}) PID {proc.pid}")
     except BaseException:
         down(state)
@@ -322,7 +365,7 @@ def run(
         CONNECTION,
         "--stream",
         "--run-config",
-        run_config_arg(run_config),
+        run_config_arg(state.run_config(run_config)),
     ]
     proc = subprocess.Popen(
         cmd, env=state.env(), cwd=str(APP_DIR), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True

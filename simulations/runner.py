@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -27,6 +28,10 @@ import psutil
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the folder holding pyproject.toml
 TOKEN_VAR = "FEDGE_SIM_TOKEN"
+SUPERLINK_SLOW_START = "Failed to start local SuperLink within"  # flwr run's message (Flower 1.42)
+SUPERLINK_RETRY_NOTE = (
+    "Flower's local SuperLink did not start within its fixed 15 s (a busy machine?): retrying once"
+)
 
 
 def toml_value(value: object) -> str:
@@ -228,25 +233,41 @@ def run_flwr(
         # `kill PID` of fedge itself must still stop the run's processes (the finally below)
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGTERM, _raise_exit)
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=str(app_dir),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
+        slow_start = False
 
         def each_line(line: str) -> None:
+            nonlocal slow_start
+            slow_start = slow_start or SUPERLINK_SLOW_START in line
             if log_file:
                 log_file.write(line)
                 log_file.flush()
             if on_line:
                 on_line(line.rstrip("\n"))
 
-        stream_output(proc, each_line, timeout_s)
-        return proc.wait(timeout=60)  # stdout closed: flwr run is exiting
+        started = time.monotonic()
+        for attempt in (1, 2):
+            left = timeout_s  # the retry gets what is left of it
+            if timeout_s is not None and attempt == 2:
+                left = max(1.0, timeout_s - (time.monotonic() - started))
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                cwd=str(app_dir),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            )
+            stream_output(proc, each_line, left)
+            code = proc.wait(timeout=60)  # stdout closed: flwr run is exiting
+            if code == 0 or not slow_start or attempt == 2:
+                return code
+            # Flower gives its local SuperLink a fixed 15 s to start (flwr/cli/local_superlink.py);
+            # on a loaded machine that can pass before it listens. Nothing ran yet: retry once.
+            stop_processes(token)
+            slow_start = False
+            each_line(f"fedge: {SUPERLINK_RETRY_NOTE}\n")
+        return code
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)

@@ -139,7 +139,7 @@ def _watch() -> dict[str, Any]:
 def _read_watch(root: str) -> dict[str, Any]:
     """Read the dataset file `load_watch()` reads, without importing seglearn and scikit-learn
     (seconds per client process); fall back to `load_watch()` if the file has moved."""
-    path = Path(root) / "datasets" / "data" / "watch_dataset.npy"
+    path = Path(root) / "data" / "watch_dataset.npy"  # where seglearn.datasets.load_watch reads it
     if path.exists():
         # The same trusted file seglearn itself unpickles (it stores a dict of arrays).
         data = np.load(path, allow_pickle=True).item()

@@ -5,8 +5,9 @@ and node authentication, and intruders that must be refused.
 `--enable-supernode-auth`), registers one key per device (`flwr supernode register`) and starts one
 `flower-supernode` per device (each with `--node-config "device-class='sensor' partition-id=N
 tier='low'"`, as a real node would say who it is); `run` runs the app with `flwr run`; `down` stops
-every process by PID. A round here is secure aggregation's exchanges, each a fresh ClientApp
-process per node (Flower's default isolation), so the scenario is three watches and one round.
+every process by PID. A round here is secure aggregation's exchanges (with certified device keys,
+issued by `up` from the deployment's CA), each a fresh ClientApp process per node (Flower's
+default isolation), so the scenario is three watches and one round.
 
 While the run goes, three intruders try to join, each as a watch:
 - a node whose key was never registered, and a node with no key at all;
@@ -24,6 +25,7 @@ loopback, and every connection must go to loopback.
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from typing import Any
 import pytest
 
 from federation.errors import FedgeError
+from federation.secagg import pki
 from simulations.credentials import init_certificates, node_key
 from simulations.deploy import deploy_local, down, register_node, run, start_supernode, up
 
@@ -77,7 +80,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, run_processes: Any) -> 
             proc.wait(timeout=30)
     assert not procs.timed_out, "the deployment hung past its deadline"
     assert code == 0, "\n".join(lines[-30:])
-    return {"out": out, "procs": procs, "exits": exits, "logs": logs, "legit_logs": legit_logs}
+    return {"out": out, "procs": procs, "exits": exits, "logs": logs, "legit_logs": legit_logs,
+            "lines": lines, "root": root / "deployment"}  # fmt: skip
 
 
 def test_a_secure_round_over_tls_and_node_auth_completes_and_learns(deployment: dict[str, Any]) -> None:
@@ -88,6 +92,24 @@ def test_a_secure_round_over_tls_and_node_auth_completes_and_learns(deployment: 
     # seeded run: a fresh head (~0.02) against one secure round of three watches (~0.2)
     assert rounds[1]["eval"]["sensor"]["accuracy"] > rounds[0]["eval"]["sensor"]["accuracy"]
     assert all("SuperNode ID:" in log for log in deployment["legit_logs"])
+
+
+def test_every_rounds_keys_are_signed_by_certified_device_keys(deployment: dict[str, Any]) -> None:
+    """`up` issued one secure-aggregation key per device from the deployment's CA (`certs/ca.key`),
+    each node was told its own, and the run required them (`secagg-pki`): the round has the
+    consistency check that only certified keys make, and every device's key is the CA's."""
+    root = deployment["root"]
+    assert any("certified device keys" in line for line in deployment["lines"]), deployment["lines"][-20:]
+    rounds = [json.loads(line) for line in (deployment["out"] / "metrics.jsonl").read_text().splitlines()]
+    assert "check" in rounds[1]["secagg_stage_seconds"], rounds[1]
+    assert rounds[1]["rejected"] == 0 and rounds[1]["aborted"] == []
+    ca_public = (root / "certs" / "ca.pub").read_bytes()
+    for i in range(3):
+        key = root / "devices" / f"sensor-{i}.key"
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        credential = pki.load_credential(root, f"sensor-{i}")
+        certified = pki.verify_certificate(ca_public, credential.certificate)
+        assert certified == (f"sensor-{i}", credential.public())
 
 
 def test_an_unregistered_key_is_refused(deployment: dict[str, Any]) -> None:
