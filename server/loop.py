@@ -155,6 +155,11 @@ class RunState:
         self.metrics_path = self.out / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         self.sim_time_s = run.scenario.start_hour * 3600.0  # the simulated clock (device-clock)
+        self.accountant = None  # distributed DP's privacy ledger (federation/privacy/accountant.py)
+        if run.dp:
+            from federation.privacy.accountant import PrivacyAccountant
+
+            self.accountant = PrivacyAccountant(run.dp_delta, run.dp_noise_multiplier, run.dp_mechanism)
         if run.initial_checkpoint:
             self._resume(run.initial_checkpoint)
 
@@ -183,6 +188,9 @@ class RunState:
         source = Path(path)
         source = (source if source.is_dir() else source.parent) / "metrics.jsonl"
         self.history = completed_rounds(source, done)
+        if self.accountant is not None:  # the privacy already spent carries over
+            spent = [e["privacy"] for e in self.history if e.get("privacy")]
+            self.accountant.restore(spent[-1] if spent else None)
         write_metrics(self.metrics_path, self.history)
         log(INFO, "fedge: resumed from %s after round %d", path, done)
 
@@ -327,6 +335,8 @@ class RunState:
             result = self.plain_train_round(server_round, chosen)
         rule = self.run.rule
         self.state = rule.update(self.state, rule.finalize(result.aggregate), 1.0)
+        if self.accountant is not None:
+            result.privacy = self.accountant.record_round(result.dp_releases)
         result.clock = clock or None
         result.train_wall_seconds = time.perf_counter() - start
         return result
@@ -350,7 +360,7 @@ class RunState:
         total = rule.init()
         participants: dict[str, int] = {}
         losses: dict[str, list[float]] = {}
-        upload, failures, rejected = 0, 0, 0
+        upload, failures, rejected, clipped = 0, 0, 0, 0
         for reply in send_and_stream(self.grid, messages, self.run.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -371,7 +381,18 @@ class RunState:
                 )
                 continue
             metrics = reply.content["metrics"]
-            contrib = {f"{info.task}/{k}": v.numpy() for k, v in reply.content["arrays"].items()}
+            update = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+            if self.run.max_update_norm > 0:  # the server's norm bound (federation/rules/norm_bound.py)
+                from federation.rules.norm_bound import clip_update
+
+                bound = self.run.max_update_norm
+                update, norm = clip_update(update, rule.layout(self.task_shapes(info.task)), bound)
+                if norm > bound:
+                    clipped += 1
+                    log(WARNING, "fedge: update from node %d (%s) in round %d has L2 norm %.4g > "
+                        "max-update-norm %g: clipped to it", node, info.device_class, server_round, norm,
+                        bound)  # fmt: skip
+            contrib = {f"{info.task}/{k}": v for k, v in update.items()}
             rule.add(total, contrib)
             upload += reply.content["arrays"].count_bytes()
             participants[info.device_class] = participants.get(info.device_class, 0) + 1
@@ -388,6 +409,7 @@ class RunState:
             download_bytes=download,
             train_loss={t: float(np.mean(v)) for t, v in losses.items()},
             aggregate=total,
+            clipped=clipped,
         )
 
     def _check_reply(self, reply: Message, task: str, server_round: int) -> str | None:
