@@ -279,6 +279,14 @@ class RunState:
         if self.run.secure_aggregation:
             scenario = self.run.scenario
             n = sum(k for c, k in scenario.per_round.items() if scenario.class_task(c) == task)
+            if self.run.dp:  # the private vector: rotated values padded to a power of two, then weights
+                from federation.privacy.encoding import plan_dp
+                from federation.secagg.vector import dp_value_length
+
+                run = self.run
+                plan = plan_dp(run.dp_mechanism, run.dp_noise_multiplier, run.dp_clip, run.secagg_value_bits,
+                               max(n, 2), dp_value_length(run.rule, shapes))  # fmt: skip
+                return packed_size(vector_length(run.rule, shapes, dp=True), plan.modulus_bits)
             m = required_modulus_bits(self.run.secagg_value_bits, max(n, 2), self.run.task_max_weight(task))
             return packed_size(vector_length(self.run.rule, shapes), m)
         return 4 * upload_size(self.run.rule.layout(shapes))

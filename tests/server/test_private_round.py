@@ -11,6 +11,7 @@ against the real device handlers, over the in-memory Grid of test_secure_round.p
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,23 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message
 from test_secure_round import LogLines, _federation, _on, _snapshot, log_lines  # noqa: F401
 
+from federation.secagg.packing import packed_size
+from federation.secagg.vector import vector_length
 from server.round import MetricsEntry
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 DP = {"dp-mechanism": "distributed-discrete-gaussian", "dp-noise-multiplier": 1.0, "dp-clip": 0.5}
 
 
+@pytest.mark.parametrize("mechanism", ["distributed-discrete-gaussian", "skellam"])
 def test_private_rounds_apply_noisy_sums_and_account_for_them(
     app: Any,
     tmp_path: Path,
     cache_dir: Path,
     log_lines: LogLines,  # noqa: F811
+    mechanism: str,
 ) -> None:
-    fed, _ = _federation(app, tmp_path, cache_dir, **DP)
+    fed, _ = _federation(app, tmp_path, cache_dir, **{**DP, "dp-mechanism": mechanism})
     before = _snapshot(fed)
     first = fed.train_round(1)
     second = fed.train_round(2)
@@ -45,7 +50,11 @@ def test_private_rounds_apply_noisy_sums_and_account_for_them(
     assert p1["per_task"]["sensor"]["survivors"] == 10
     line = json.loads(json.dumps(MetricsEntry(1, {}, {}, 1.0, train=first).to_json()))
     assert line["privacy"]["epsilon"] == pytest.approx(p1["epsilon"])
-    assert "noise, multiplier 1 of 10 planned devices" in log_lines.text()
+    assert f"{mechanism} noise, multiplier 1 of 10 planned devices" in log_lines.text()
+    # the simulated clock sizes a device's upload as the private vector the round really masked
+    m = int(re.search(r"secure sum of 10 devices \(m=(\d+) bits", log_lines.text()).group(1))
+    length = vector_length(fed.run.rule, fed.task_shapes("sensor"), dp=True)
+    assert fed.upload_bytes("sensor") == packed_size(length, m)
     assert "modulus wrap probability" in log_lines.text()
 
 
