@@ -17,9 +17,9 @@ eps(alpha) <= xi + rho alpha, which is `dp_accounting`'s `ZCDpEvent(rho, xi)`:
   = alpha (Delta_2^2 / (2 mu) + Delta_2^2 / (2 mu^2)) + (6 Delta_1 - Delta_2^2) / (4 mu^2).
   So rho = Delta_2^2 / (2 mu) + Delta_2^2 / (2 mu^2), xi = max(0, (6 Delta_1 - Delta_2^2) / (4 mu^2)).
 
-(dp-accounting's RDP accountant evaluates xi + rho alpha at integer and fractional orders; the
-Skellam bound is stated for integer orders, and the linear form is convex in alpha, so its
-values between integers lie below the chord of the integer values it bounds.)
+Both bounds are stated for integer orders (Kairouz et al. and Agarwal et al. evaluate them at
+integer alpha, as TensorFlow Federated's accounting does), so the accountant converts at the
+integer orders 2..256, 512, 1024 only (`ORDERS`).
 
 Composition: a device runs one task, so a task's releases compose (RDP adds: the rhos and xis
 sum) and the run's epsilon is the largest over tasks, converted to (epsilon, delta) by
@@ -42,7 +42,7 @@ from federation.privacy.encoding import DpPlan
 
 __all__ = ["PrivacyAccountant", "Release", "epsilon_of", "release_rdp"]
 
-ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
+ORDERS = (*range(2, 257), 512, 1024)
 
 
 @dataclass(frozen=True)
