@@ -5,7 +5,7 @@ Statistical Rates", ICML 2018 (the trimmed mean, beside the median): per coordin
 drops the floor(beta x c) largest and the floor(beta x c) smallest of the c devices' values and
 averages the rest, so fewer than beta x c arbitrarily bad devices cannot move that coordinate
 outside the range of the honest values. beta = `TRIM_FRACTION` (0.2, Flower's `FedTrimmedAvg`
-default).
+default); where every device trained every entry the result is Flower's `trim_mean` (tested).
 
 Over fedge's model it is the median's twin (`federation/rules/median.py`): a device uploads its
 *unweighted* delta and marks of the entries it trained (1 on a LoRA B's first r columns, a single

@@ -67,6 +67,13 @@ def test_trimmed_mean_by_hand() -> None:
     # column 1: 4 devices, floor(0.8) = 0 cut -> the plain mean 5 (the 5th did not train it)
     np.testing.assert_allclose(trimmed_mean(values, trained), [3.0, 5.0])
     np.testing.assert_allclose(trimmed_mean(values, np.zeros_like(trained)), [0.0, 0.0])
+    # where every device trained every entry it is Flower's FedTrimmedAvg's trim_mean
+    from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+    for devices in (3, 5, 7, 11):
+        stack = np.random.default_rng(devices).standard_cauchy(size=(devices, 30))
+        everyone = np.ones_like(stack, dtype=bool)
+        np.testing.assert_allclose(trimmed_mean(stack, everyone), trim_mean(stack, 0.2), rtol=1e-12)
 
 
 def test_trimmed_mean_over_mixed_ranks_trims_per_column() -> None:
@@ -88,6 +95,20 @@ def test_krum_scores_by_hand_and_multi_krum_leaves_out_the_far_update() -> None:
     assert tolerated(4) == 1 and tolerated(7) == 2 and tolerated(2) == 0
     np.testing.assert_allclose(krum_scores(vectors, 1), [1.0, 1.0, 1.0, 64.0])
     assert multi_krum(vectors).tolist() == [0, 1, 2]
+    # the same scores and selection as Flower's MultiKrum strategy on the same updates
+    from flwr.app import Array, ArrayRecord, RecordDict
+    from flwr.serverapp.strategy.multikrum import compute_distances, select_multikrum
+
+    wide = np.random.default_rng(9).normal(size=(6, 40))
+    wide[4] *= 30
+    records = [ArrayRecord({"x": Array(row)}) for row in wide]
+    flower = compute_distances(records)
+    for i, row in enumerate(flower):
+        nearest = np.sort(row)[1 : 6 - 1 - 2 + 1]
+        assert krum_scores(wide, 1)[i] == pytest.approx(nearest.sum(), rel=1e-9)
+    picked = select_multikrum([RecordDict({"a": r}) for r in records], 1, 5)
+    chosen = sorted(int(np.flatnonzero((wide == p["a"]["x"].numpy()).all(axis=1))[0]) for p in picked)
+    assert multi_krum(wide).tolist() == chosen == [0, 1, 2, 3, 5]
     rng = np.random.default_rng(1)
     ranks = [2, 4, 4, 4, 4]
     deltas = [_delta(rng, r) for r in ranks]
