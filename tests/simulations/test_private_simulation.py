@@ -1,6 +1,6 @@
 """Distributed DP through Flower's simulation engine: secure aggregation with discrete Gaussian
 noise shares, devices vanishing mid-protocol, and epsilon per round in metrics.jsonl and the
-summary (docs/privacy.md)."""
+summary (docs/privacy.md). Slow: ~2 minutes on 2 shared cores."""
 
 from __future__ import annotations
 
