@@ -44,8 +44,11 @@ def _expected(context: Context):  # -> federation.secagg.protocol.Expected
         group=device.task,
         clip=run.secagg_clip,
         value_bits=run.secagg_value_bits,
-        max_weight=run.task_max_weight(device.task),
+        max_weight=1 if run.dp else run.task_max_weight(device.task),
         min_devices=run.secagg_min_devices,
+        dp_mechanism=run.dp_mechanism,
+        dp_noise_multiplier=run.dp_noise_multiplier if run.dp else 0.0,
+        dp_clip=run.dp_clip if run.dp else 0.0,
     )
 
 

@@ -111,6 +111,17 @@ class RunConfig:
     device_clock: bool  # sample by simulated availability, over-select, deadline, dropouts
     bench_alternate: bool  # benchmarks only: odd rounds plain, even rounds secure (same run)
     uniform_rank: int  # 0: each device trains its tier's LoRA rank; r: every device trains rank r
+    # robustness and distributed differential privacy (docs/privacy.md)
+    max_update_norm: float = 0.0  # plain rounds: deltas longer than this (L2) are clipped; 0: off
+    dp_mechanism: str = "none"  # "none", "distributed-discrete-gaussian" or "skellam"
+    dp_noise_multiplier: float = 0.0  # the sum's noise std / dp_clip
+    dp_clip: float = 0.1  # L2 clip of each device's update, on the device
+    dp_delta: float = 1e-5  # the accountant's delta
+
+    @property
+    def dp(self) -> bool:
+        """Whether devices clip, rotate and noise their updates (distributed DP)."""
+        return self.dp_mechanism != "none"
 
     @property
     def rule(self) -> Rule:
@@ -213,4 +224,44 @@ class RunConfig:
             device_clock=_get(cfg, "device-clock", bool) and scenario.device_clock,
             bench_alternate=_get(cfg, "bench-alternate", bool),
             uniform_rank=_get(cfg, "uniform-rank", int, "nonneg"),
+            **_privacy_settings(cfg, source, rule, secure, _get(cfg, "bench-alternate", bool)),
         )
+
+
+DP_MECHANISMS = ("none", "distributed-discrete-gaussian", "skellam")
+
+
+def _privacy_settings(
+    cfg: Mapping[str, Any], source: ConfigSource, rule: Rule, secure: bool, alternate: bool
+) -> dict[str, Any]:
+    """The norm bound and the distributed-DP settings, validated: DP needs secure aggregation in
+    every round and a rule that is a sum (the noise is added to the sum, on the devices)."""
+    mechanism = _get(cfg, "dp-mechanism", str)
+    if mechanism not in DP_MECHANISMS:
+        raise FedgeError(
+            f"run config dp-mechanism={mechanism!r} must be one of {', '.join(DP_MECHANISMS)}: "
+            f"{source.fix('dp-mechanism')}"
+        )
+    delta = _get(cfg, "dp-delta", float, "positive")
+    if not delta < 1:
+        raise FedgeError(f"run config dp-delta={delta!r} must be in (0, 1): {source.fix('dp-delta')}")
+    settings = {
+        "max_update_norm": _get(cfg, "max-update-norm", float, "nonneg"),
+        "dp_mechanism": mechanism,
+        "dp_noise_multiplier": _get(cfg, "dp-noise-multiplier", float, "nonneg"),
+        "dp_clip": _get(cfg, "dp-clip", float, "positive"),
+        "dp_delta": delta,
+    }
+    if mechanism != "none":
+        if not secure or alternate:
+            raise FedgeError(
+                f"run config dp-mechanism={mechanism!r} needs secure-aggregation = true (and bench-alternate "
+                "= false): devices add shares of the noise, which only sum to the promised noise inside "
+                f"a secure sum; {source.fix('secure-aggregation')}"
+            )
+        if not rule.is_sum:
+            raise FedgeError(
+                f"run config dp-mechanism={mechanism!r} needs an aggregation rule that is a sum, not "
+                f"{rule.name!r}: {source.fix('aggregation')}"
+            )
+    return settings

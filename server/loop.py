@@ -156,6 +156,11 @@ class RunState:
         self.metrics_path = self.out / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []
         self.sim_time_s = run.scenario.start_hour * 3600.0  # the simulated clock (device-clock)
+        self.accountant = None  # distributed DP's privacy ledger (federation/privacy/accountant.py)
+        if run.dp:
+            from federation.privacy.accountant import PrivacyAccountant
+
+            self.accountant = PrivacyAccountant(run.dp_delta, run.dp_noise_multiplier, run.dp_mechanism)
         if run.initial_checkpoint:
             self._resume(run.initial_checkpoint)
 
@@ -184,6 +189,9 @@ class RunState:
         source = Path(path)
         source = (source if source.is_dir() else source.parent) / "metrics.jsonl"
         self.history = completed_rounds(source, done)
+        if self.accountant is not None:  # the privacy already spent carries over
+            spent = [e["privacy"] for e in self.history if e.get("privacy")]
+            self.accountant.restore(spent[-1] if spent else None)
         write_metrics(self.metrics_path, self.history)
         log(INFO, "fedge: resumed from %s after round %d", path, done)
 
@@ -272,6 +280,14 @@ class RunState:
         if self.run.secure_aggregation:
             scenario = self.run.scenario
             n = sum(k for c, k in scenario.per_round.items() if scenario.class_task(c) == task)
+            if self.run.dp:  # the private vector: rotated values padded to a power of two, then weights
+                from federation.privacy.encoding import plan_dp
+                from federation.secagg.vector import dp_value_length
+
+                run = self.run
+                plan = plan_dp(run.dp_mechanism, run.dp_noise_multiplier, run.dp_clip, run.secagg_value_bits,
+                               max(n, 2), dp_value_length(run.rule, shapes))  # fmt: skip
+                return packed_size(vector_length(run.rule, shapes, dp=True), plan.modulus_bits)
             m = required_modulus_bits(self.run.secagg_value_bits, max(n, 2), self.run.task_max_weight(task))
             return packed_size(vector_length(self.run.rule, shapes), m)
         return 4 * upload_size(self.run.rule.layout(shapes))
@@ -328,6 +344,8 @@ class RunState:
             result = self.plain_train_round(server_round, chosen)
         rule = self.run.rule
         self.state = rule.update(self.state, rule.finalize(result.aggregate), 1.0)
+        if self.accountant is not None:
+            result.privacy = self.accountant.record_round(result.dp_releases)
         result.clock = clock or None
         result.train_wall_seconds = time.perf_counter() - start
         return result
@@ -351,7 +369,7 @@ class RunState:
         total = rule.init()
         participants: dict[str, int] = {}
         losses: dict[str, list[float]] = {}
-        upload, failures, rejected = 0, 0, 0
+        upload, failures, rejected, clipped = 0, 0, 0, 0
         for reply in send_and_stream(self.grid, messages, self.run.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -372,7 +390,18 @@ class RunState:
                 )
                 continue
             metrics = reply.content["metrics"]
-            contrib = {f"{info.task}/{k}": v.numpy() for k, v in reply.content["arrays"].items()}
+            update = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+            if self.run.max_update_norm > 0:  # the server's norm bound (federation/rules/norm_bound.py)
+                from federation.rules.norm_bound import clip_update
+
+                bound = self.run.max_update_norm
+                update, norm = clip_update(update, rule.layout(self.task_shapes(info.task)), bound)
+                if norm > bound:
+                    clipped += 1
+                    log(WARNING, "fedge: update from node %d (%s) in round %d has L2 norm %.4g > "
+                        "max-update-norm %g: clipped to it", node, info.device_class, server_round, norm,
+                        bound)  # fmt: skip
+            contrib = {f"{info.task}/{k}": v for k, v in update.items()}
             rule.add(total, contrib)
             upload += reply.content["arrays"].count_bytes()
             participants[info.device_class] = participants.get(info.device_class, 0) + 1
@@ -389,6 +418,7 @@ class RunState:
             download_bytes=download,
             train_loss={t: float(np.mean(v)) for t, v in losses.items()},
             aggregate=total,
+            clipped=clipped,
         )
 
     def _check_reply(self, reply: Message, task: str, server_round: int) -> str | None:

@@ -155,6 +155,12 @@ def write_report(fed: RunState) -> dict[str, Any]:
         "upload_bytes": sum(e.get("upload_bytes", 0) for e in fed.history),
         "download_bytes": sum(e.get("download_bytes", 0) for e in fed.history),
     }
+    private = [e["privacy"] for e in fed.history if e.get("privacy")]
+    if private:  # distributed DP: what the run spent (docs/privacy.md)
+        keys = ("epsilon", "delta", "noise_multiplier", "mechanism")
+        summary["privacy"] = {k: private[-1][k] for k in keys}
+        summary["privacy"]["max_wrap_probability"] = max(p["wrap_probability"] for p in private)
+        summary["privacy"]["clip"] = fed.run.dp_clip
     (fed.out / "summary.json").write_text(json.dumps(summary, indent=2))
     export_adapters(fed, fed.out / "adapter")
     plot(fed, fed.out / "plots")

@@ -32,6 +32,12 @@ class RoundResult:
     secagg_stage_seconds: dict[str, float] = field(default_factory=dict)  # secure: wall time per exchange
     clock: dict[str, Any] | None = None  # the simulated device clock's account (device-clock)
     train_wall_seconds: float = 0.0
+    clipped: int = 0  # plain rounds with max-update-norm: updates the server scaled down to the bound
+    # distributed DP: the accountant's entry for this round (docs/privacy.md); None when DP is off
+    privacy: dict[str, Any] | None = None
+    # distributed DP: the private sums applied this round (federation.privacy.accountant.Release),
+    # what the accountant charges; not serialised
+    dp_releases: list[Any] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The training fields of a metrics.jsonl line (everything but `aggregate`)."""
@@ -51,6 +57,10 @@ class RoundResult:
         }
         if self.clock is not None:
             out["clock"] = self.clock
+        if self.clipped:
+            out["clipped"] = self.clipped
+        if self.privacy is not None:
+            out["privacy"] = self.privacy
         return out
 
 

@@ -22,7 +22,7 @@ from flwr.common.logger import log
 
 from federation.secagg.packing import unpack_residues
 from federation.secagg.protocol import Params, Reveal, SecAggAbort, ServerRound, member_ids, plan
-from federation.secagg.vector import check_plausible_sum, decode_total, vector_length
+from federation.secagg.vector import check_plausible_sum, decode_total, dp_value_length, vector_length
 from server.messaging import send_and_stream
 from server.round import RoundResult
 
@@ -83,15 +83,20 @@ def plan_groups(fed: RunState, server_round: int, chosen: list[int]) -> list[Gro
                 server_round, len(nodes), task, run.secagg_min_devices, task)  # fmt: skip
             continue
         try:
+            shapes = fed.task_shapes(task)
             params = plan(
                 fed.run_id % 2**63,
                 server_round,
                 task,
                 len(nodes),
-                vector_length(run.rule, fed.task_shapes(task)),
+                vector_length(run.rule, shapes, dp=run.dp),
                 clip=run.secagg_clip,
                 value_bits=run.secagg_value_bits,
-                max_weight=run.task_max_weight(task),
+                max_weight=1 if run.dp else run.task_max_weight(task),
+                dp_mechanism=run.dp_mechanism,
+                dp_noise_multiplier=run.dp_noise_multiplier,
+                dp_clip=run.dp_clip,
+                dp_length=dp_value_length(run.rule, shapes) if run.dp else 0,
             )
         except (SecAggAbort, ValueError) as exc:
             log(
@@ -113,7 +118,8 @@ def secure_train_round(fed: RunState, server_round: int, chosen: list[int]) -> R
     run = fed.run
     all_groups = plan_groups(fed, server_round, chosen)
     groups = {node: group for group in all_groups for node in group.nodes}
-    stats: dict[str, Any] = {"participants": {}, "failures": 0, "rejected": 0, "vanished": 0, "aborted": []}
+    stats: dict[str, Any] = {"participants": {}, "failures": 0, "rejected": 0, "vanished": 0, "aborted": [],
+                             "releases": []}  # fmt: skip
     losses: dict[str, list[float]] = {}
     upload = download = 0
     stage_seconds: dict[str, float] = {}
@@ -243,6 +249,11 @@ def secure_train_round(fed: RunState, server_round: int, chosen: list[int]) -> R
     total = rule.init()
     for group in all_groups:
         if _finish_group(fed, group, server_round, total):
+            if group.params.dp:
+                from federation.privacy.accountant import Release
+
+                release = Release(group.task, group.params.dp_plan(), len(group.state.survivors))
+                stats["releases"].append(release)
             for pid in group.state.survivors:
                 device_class = fed.registry.nodes[group.node_of[pid]].device_class
                 stats["participants"][device_class] = stats["participants"].get(device_class, 0) + 1
@@ -262,6 +273,7 @@ def secure_train_round(fed: RunState, server_round: int, chosen: list[int]) -> R
         vanished=stats["vanished"],
         aborted=stats["aborted"],
         secagg_stage_seconds=stage_seconds,
+        dp_releases=stats["releases"],
     )
 
 
@@ -272,8 +284,8 @@ def _finish_group(fed: RunState, group: Group, server_round: int, total: Any) ->
     try:
         vector = state.finish()
         rule = fed.run.rule
-        decoded = decode_total(rule, vector, fed.task_shapes(group.task), group.params)
         survivors = len(state.survivors)
+        decoded = decode_total(rule, vector, fed.task_shapes(group.task), group.params, survivors)
         weight = check_plausible_sum(rule, decoded, fed.task_shapes(group.task), group.params, survivors)
     except SecAggAbort as exc:
         blame = f" (nodes at fault: {group.nodes_named(exc.blame)})" if exc.blame else ""
@@ -294,4 +306,9 @@ def _finish_group(fed: RunState, group: Group, server_round: int, total: Any) ->
     log(INFO, "fedge: round %d %s: secure sum of %d devices (m=%d bits, degree %d, threshold %d, weight %g)",
         server_round, group.task, len(state.survivors), group.params.modulus_bits, group.params.degree,
         group.params.threshold, weight)  # fmt: skip
+    if group.params.dp:
+        dp = group.params.dp_plan()
+        log(INFO, "fedge: round %d %s: %s noise, multiplier %g of %d planned devices (%d survived), "
+            "modulus wrap probability %.3g", server_round, group.task, dp.mechanism, dp.noise_multiplier,
+            dp.n, len(state.survivors), dp.wrap_probability)  # fmt: skip
     return True

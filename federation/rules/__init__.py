@@ -30,6 +30,8 @@ DEFAULT_RULE = "exact-mixed-rank"
 BUILTIN: dict[str, str] = {
     "exact-mixed-rank": "federation.rules.exact_mixed_rank",
     "median": "federation.rules.median",
+    "trimmed-mean": "federation.rules.trimmed_mean",
+    "krum": "federation.rules.krum",
 }
 _resolved: dict[str, Rule] = {}
 

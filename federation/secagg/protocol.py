@@ -45,6 +45,7 @@ are 64-bit and only the server needs them).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -112,6 +113,23 @@ class Params:
     modulus_bits: int
     max_weight: int
     length: int  # coordinates of the masked vector
+    # distributed DP (federation/privacy; "none": off). The rotation seed is public, fresh per round.
+    dp_mechanism: str = "none"
+    dp_noise_multiplier: float = 0.0
+    dp_clip: float = 0.0
+    dp_rotation_seed: bytes = b""
+    dp_length: int = 0  # value coordinates before rotation (the rest of `length` is weights)
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_mechanism != "none"
+
+    def dp_plan(self):  # -> federation.privacy.encoding.DpPlan
+        """The round's DP plan (both sides compute it from these public parameters)."""
+        from federation.privacy.encoding import plan_dp
+
+        return plan_dp(self.dp_mechanism, self.dp_noise_multiplier, self.dp_clip, self.value_bits, self.n,
+                       self.dp_length)  # fmt: skip
 
     def context(self, stage: str) -> bytes:
         return round_context(self.run_id, self.server_round, f"{self.group}:{stage}")
@@ -139,6 +157,11 @@ class Params:
             "sa-modulus-bits": self.modulus_bits,
             "sa-max-weight": self.max_weight,
             "sa-length": self.length,
+            "sa-dp-mechanism": self.dp_mechanism,
+            "sa-dp-noise-multiplier": self.dp_noise_multiplier,
+            "sa-dp-clip": self.dp_clip,
+            "sa-dp-rotation-seed": self.dp_rotation_seed,
+            "sa-dp-length": self.dp_length,
         }
 
     @classmethod
@@ -157,6 +180,11 @@ class Params:
                 modulus_bits=int(cfg["sa-modulus-bits"]),  # type: ignore[call-overload]
                 max_weight=int(cfg["sa-max-weight"]),  # type: ignore[call-overload]
                 length=int(cfg["sa-length"]),  # type: ignore[call-overload]
+                dp_mechanism=str(cfg.get("sa-dp-mechanism", "none")),
+                dp_noise_multiplier=float(cfg.get("sa-dp-noise-multiplier", 0.0)),  # type: ignore[arg-type]
+                dp_clip=float(cfg.get("sa-dp-clip", 0.0)),  # type: ignore[arg-type]
+                dp_rotation_seed=bytes(cfg.get("sa-dp-rotation-seed", b"")),  # type: ignore[arg-type]
+                dp_length=int(cfg.get("sa-dp-length", 0)),  # type: ignore[call-overload]
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ParameterError(f"malformed secure-aggregation parameters: {exc!r}") from None
@@ -180,6 +208,9 @@ class Expected:
     max_weight: int
     min_devices: int
     dropout_rate: float = PLANNED_DROPOUT
+    dp_mechanism: str = "none"
+    dp_noise_multiplier: float = 0.0
+    dp_clip: float = 0.0
 
 
 def check_params(params: Params, expected: Expected) -> None:
@@ -208,9 +239,25 @@ def check_params(params: Params, expected: Expected) -> None:
             f"clip/value bits/max weight {p.clip}/{p.value_bits}/{p.max_weight} differ from this "
             f"device's {e.clip}/{e.value_bits}/{e.max_weight}"
         )
+    elif (p.dp_mechanism, p.dp_noise_multiplier, p.dp_clip) != (
+        e.dp_mechanism,
+        e.dp_noise_multiplier,
+        e.dp_clip,
+    ):
+        # a server that could lower the noise or raise the clip would lower every device's privacy
+        problems.append(
+            f"DP mechanism/noise multiplier/clip {p.dp_mechanism}/{p.dp_noise_multiplier}/{p.dp_clip} differ "
+            f"from this device's {e.dp_mechanism}/{e.dp_noise_multiplier}/{e.dp_clip}"
+        )
+    elif p.dp and (len(p.dp_rotation_seed) != 32 or p.max_weight != 1):
+        problems.append("a private round needs a 32-byte rotation seed and weight bound 1")
     elif not problems:
         try:
-            m = required_modulus_bits(p.value_bits, p.n, p.max_weight)
+            m = (
+                p.dp_plan().modulus_bits
+                if p.dp
+                else required_modulus_bits(p.value_bits, p.n, p.max_weight)
+            )
         except ValueError as exc:
             problems.append(str(exc))
         else:
@@ -235,12 +282,26 @@ def plan(
     value_bits: int,
     max_weight: int,
     dropout_rate: float = PLANNED_DROPOUT,
+    dp_mechanism: str = "none",
+    dp_noise_multiplier: float = 0.0,
+    dp_clip: float = 0.0,
+    dp_length: int = 0,
 ) -> Params:
-    """The server's public parameters for a group of n devices (graph seed fresh per round)."""
+    """The server's public parameters for a group of n devices (graph and rotation seeds fresh per
+    round). With a DP mechanism, `length` is the private vector's (rotated values + weights) and
+    the modulus is the DP plan's (`federation.privacy.encoding.plan_dp`)."""
     if n < 2:
         raise SecAggAbort(f"secure aggregation needs at least 2 devices in group {group!r}, got {n}")
     degree = minimum_degree(n, dropout_rate)
     threshold = max(1, min(recommended_threshold(degree), degree))
+    if dp_mechanism != "none":
+        params = Params(
+            run_id=run_id, server_round=server_round, group=group, n=n, degree=degree, threshold=threshold,
+            graph_seed=os.urandom(GRAPH_SEED_BYTES), clip=clip, value_bits=value_bits, modulus_bits=0,
+            max_weight=1, length=length, dp_mechanism=dp_mechanism, dp_noise_multiplier=dp_noise_multiplier,
+            dp_clip=dp_clip, dp_rotation_seed=os.urandom(32), dp_length=dp_length,
+        )  # fmt: skip
+        return dataclasses.replace(params, modulus_bits=params.dp_plan().modulus_bits)
     return Params(
         run_id=run_id,
         server_round=server_round,

@@ -27,8 +27,42 @@ def secure_layout(rule: Rule, shapes: Mapping[str, tuple[int, ...]]) -> dict[str
     return dict(sorted(rule.layout(shapes).items()))
 
 
-def vector_length(rule: Rule, shapes: Mapping[str, tuple[int, ...]]) -> int:
-    return sum(int(np.prod(slot.shape)) for slot in secure_layout(rule, shapes).values())
+def vector_length(rule: Rule, shapes: Mapping[str, tuple[int, ...]], dp: bool = False) -> int:
+    """Coordinates of the secure vector; with distributed DP the values are rotated as one vector
+    padded to a power of two (`dp_value_length` of them), then the weights."""
+    if not dp:
+        return sum(int(np.prod(slot.shape)) for slot in secure_layout(rule, shapes).values())
+    from federation.privacy.rotation import padded_length
+
+    layout = secure_layout(rule, shapes)
+    weights = sum(int(np.prod(slot.shape)) for slot in layout.values() if slot.weights)
+    return padded_length(dp_value_length(rule, shapes)) + weights
+
+
+def dp_value_length(rule: Rule, shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """Value coordinates of the rule's layout (what distributed DP clips, rotates and noises)."""
+    return sum(int(np.prod(slot.shape)) for slot in secure_layout(rule, shapes).values() if not slot.weights)
+
+
+def _encode_private(
+    rule: Rule, delta: Mapping[str, np.ndarray], upload: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]], params: Params,
+) -> np.ndarray:  # fmt: skip
+    """Distributed DP's vector: the unweighted values clipped, rotated, rounded and noised as one
+    (`federation.privacy.encoding`), then the weights (1 on every trained entry) exactly."""
+    from federation.privacy.encoding import encode_values
+
+    layout = secure_layout(rule, shapes)
+    values = []
+    for key, slot in layout.items():
+        if not slot.weights:
+            value = np.asarray(delta[key], dtype=np.float64)
+            if value.shape != tuple(slot.shape):
+                raise ValueError(f"{key} has shape {value.shape}, expected {tuple(slot.shape)}")
+            values.append(value.ravel())
+    private = encode_values(np.concatenate(values), params.dp_plan(), params.dp_rotation_seed)
+    weights = [np.rint(upload[k]).astype(np.int64).ravel() for k, slot in layout.items() if slot.weights]
+    return encode_integers(np.concatenate([private, *weights]), params.modulus_bits)
 
 
 def encode_update(
@@ -39,7 +73,18 @@ def encode_update(
     params: Params,
     rank: int | None = None,
 ) -> np.ndarray:
-    """The device's contribution, encoded in Z_(2^m) (uint64), ready to be masked."""
+    """The device's contribution, encoded in Z_(2^m) (uint64), ready to be masked. With distributed
+    DP every device weighs 1 (its examples stay on it): the noise covers one device's clipped update,
+    so no device may count more than once."""
+    if params.dp:
+        if params.dp_length != dp_value_length(rule, shapes):
+            raise ValueError(f"the round's private length {params.dp_length} is not this task's values'")
+        if not weight > 0:
+            raise ValueError(f"weight {weight} must be positive")
+        vector = _encode_private(rule, delta, rule.upload(delta, 1.0, rank), shapes, params)
+        if len(vector) != params.length:
+            raise ValueError(f"encoded length {len(vector)} != the round's {params.length}")
+        return vector
     if not 0 < weight <= params.max_weight:
         raise ValueError(f"weight {weight} is outside (0, {params.max_weight}]: it could wrap the sum")
     upload = rule.upload(delta, float(weight), rank)  # the weights entries (and the rank checks)
@@ -61,11 +106,32 @@ def encode_update(
 
 
 def decode_total(
-    rule: Rule, vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]], params: Params
+    rule: Rule, vector: np.ndarray, shapes: Mapping[str, tuple[int, ...]], params: Params, survivors: int = 0
 ) -> dict[str, np.ndarray]:
-    """The decoded sum as one of the rule's uploads (sum of w x, and sum of w per key)."""
+    """The decoded sum as one of the rule's uploads (sum of w x, and sum of w per key). With
+    distributed DP the values are checked (a wrap or an unclipped device aborts: `ImplausibleSumError`),
+    unscaled and rotated back; they then hold the sum of the clipped updates plus the noise."""
     out: dict[str, np.ndarray] = {}
     offset = 0
+    if params.dp:
+        from federation.privacy.encoding import decode_values
+
+        plan = params.dp_plan()
+        private = decode_signed(vector[: plan.dim], params.modulus_bits)
+        _check_private(private, plan, survivors)
+        values = decode_values(private, plan, params.dp_rotation_seed)
+        weights = vector[plan.dim :]
+        value_offset = 0
+        for key, slot in secure_layout(rule, shapes).items():
+            size = int(np.prod(slot.shape))
+            if slot.weights:
+                chunk = weights[offset : offset + size]
+                offset += size
+                out[key] = decode_signed(chunk, params.modulus_bits).astype(np.float64).reshape(slot.shape)
+            else:
+                out[key] = values[value_offset : value_offset + size].reshape(slot.shape)
+                value_offset += size
+        return out
     for key, slot in secure_layout(rule, shapes).items():
         size = int(np.prod(slot.shape))
         chunk = vector[offset : offset + size]
@@ -80,6 +146,17 @@ def decode_total(
 
 class ImplausibleSumError(SecAggAbort):
     """The decoded sum is not one that honest devices can produce: a device lied in its input."""
+
+
+def _check_private(private: np.ndarray, plan, survivors: int) -> None:  # plan: DpPlan
+    from federation.privacy.encoding import PrivateSumError, check_private_sum
+
+    if survivors < 1:
+        raise ValueError("decoding a private sum needs the number of devices in it")
+    try:
+        check_private_sum(private, plan, survivors)
+    except PrivateSumError as exc:
+        raise ImplausibleSumError(str(exc)) from None
 
 
 def check_plausible_sum(
@@ -114,6 +191,8 @@ def check_plausible_sum(
             f"weights inconsistent across keys (weights-consistent): {sorted(firsts)[:4]}"
         )
     total = firsts.pop()
+    if params.dp and total != devices:  # every device weighs exactly 1
+        raise ImplausibleSumError(f"total weight {total:g} is not the {devices} devices' (weight-range)")
     if not devices <= total <= devices * params.max_weight:
         raise ImplausibleSumError(
             f"total weight {total:g} outside [{devices}, {devices * params.max_weight}] for {devices} "
@@ -122,6 +201,8 @@ def check_plausible_sum(
     for key, w in weights.items():
         if np.any(w < 0) or np.any(w > total) or np.any(np.diff(w) > 0):
             raise ImplausibleSumError(f"{key}: column weights are not a non-increasing profile in [0, W]")
+    if params.dp:
+        return total  # the values were checked in the rotated integer domain (decode_total)
     slack = 1.0 + 1e-9  # float64 rounding of the decode, nothing more: the bound itself is exact
     for key, slot in layout.items():
         if slot.weights:
