@@ -103,8 +103,7 @@ def check_in(grid: Grid, registry: Registry, nodes: list[int], timeout: float) -
         )
         for n in unknown
     ]
-    for reply in send_and_stream(grid, messages, timeout):
-        node = reply.metadata.src_node_id
+    for node, reply in send_and_stream(grid, messages, timeout):
         if reply.has_error():
             log(WARNING, "fedge: node %d failed check-in: %s", node, reply.error.reason)
             continue
@@ -232,8 +231,7 @@ class RunState:
                 content = RecordDict({"arrays": arrays, "config": config})
                 messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
         sums: dict[str, dict[str, Any]] = {t: {} for t in tasks}
-        for reply in send_and_stream(self.grid, messages, self.run.round_timeout):
-            node = reply.metadata.src_node_id
+        for node, reply in send_and_stream(self.grid, messages, self.run.round_timeout):
             if reply.has_error():
                 log(WARNING, "fedge: node %d failed evaluation: %s", node, reply.error.reason)
                 continue
@@ -370,8 +368,7 @@ class RunState:
         participants: dict[str, int] = {}
         losses: dict[str, list[float]] = {}
         upload, failures, rejected, clipped = 0, 0, 0, 0
-        for reply in send_and_stream(self.grid, messages, self.run.round_timeout):
-            node = reply.metadata.src_node_id
+        for node, reply in send_and_stream(self.grid, messages, self.run.round_timeout):
             if reply.has_error():
                 failures += 1
                 log(WARNING, "fedge: node %d failed in round %d: %s", node, server_round, reply.error.reason)

@@ -14,16 +14,25 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 
-def send_and_stream(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator[Message]:
-    """Yield replies as they arrive until all came back or `timeout` seconds passed."""
-    pending = {mid for mid in grid.push_messages(messages) if mid}
+def send_and_stream(grid: Grid, messages: Iterable[Message], timeout: float) -> Iterator[tuple[int, Message]]:
+    """Yield (node, reply) as replies arrive until all came back or `timeout` seconds passed.
+
+    `node` is the node the request was sent to, found from the reply's `reply_to_message_id`,
+    not the reply's source: when a node dies, the SuperLink answers for it with an error reply
+    whose source is the SuperLink itself, and that failure must still be charged to the node.
+    """
+    sent = list(messages)
+    pending = {mid for mid in grid.push_messages(sent) if mid}
+    # push_messages set each message's id; it maps a reply back to the node it was meant for
+    destination = {msg.metadata.message_id: msg.metadata.dst_node_id for msg in sent}
     deadline = time.monotonic() + timeout
     delay = 0.05
     while pending and time.monotonic() < deadline:
         replies = list(grid.pull_messages(pending))
         for reply in replies:
-            pending.discard(reply.metadata.reply_to_message_id)
-            yield reply
+            asked = reply.metadata.reply_to_message_id
+            pending.discard(asked)
+            yield destination.get(asked, reply.metadata.src_node_id), reply
         if pending and not replies:
             time.sleep(delay)
             delay = min(delay * 1.5, 1.0)

@@ -50,7 +50,7 @@ def _message(node: int, message_type: str, config: Mapping[str, Any], **records:
     return Message(content, dst_node_id=node, message_type=message_type)
 
 
-def _failed(reply: Message, server_round: int, stage: str) -> bool:
+def _failed(reply: Message, node: int, server_round: int, stage: str) -> bool:
     """Log and report a reply that cannot be used: an error, or one for another round."""
     if reply.has_error():
         reason = reply.error.reason
@@ -59,7 +59,6 @@ def _failed(reply: Message, server_round: int, stage: str) -> bool:
         if metrics is not None and metrics.get("server-round") == server_round:
             return False
         reason = "reply for another round"
-    node = reply.metadata.src_node_id
     log(WARNING, "fedge: node %d failed in round %d (%s): %s", node, server_round, stage, reason)
     return True
 
@@ -132,14 +131,13 @@ def secure_train_round(fed: RunState, server_round: int, chosen: list[int]) -> R
         clock = now
 
     def replies(messages: list[Message], stage: str):  # -> (reply, node, group) of usable replies
-        for reply in send_and_stream(fed.grid, messages, run.round_timeout):
-            node = reply.metadata.src_node_id
+        for node, reply in send_and_stream(fed.grid, messages, run.round_timeout):
             group = groups.get(node)
             if group is None:
                 log(WARNING, "fedge: round %d (%s): reply from node %d, which is in no group; ignored",
                     server_round, stage, node)  # fmt: skip
                 continue
-            if _failed(reply, server_round, stage):
+            if _failed(reply, node, server_round, stage):
                 if stage == "keys + training":
                     stats["failures"] += 1
                 continue

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 
 from federation.config import RunConfig
@@ -82,8 +83,9 @@ class DeviceGrid(Grid):
                 reply = Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             for hook in self.hooks:
                 reply = hook(msg, reply) if reply is not None else None
-            if reply is None:  # the device vanished: an error, as Flower reports a lost node
-                reply = Message(Error(code=5, reason="node unavailable"), reply_to=msg)
+            if reply is None:  # the device vanished: the SuperLink answers for it, as Flower does,
+                # with an error whose source is the SuperLink (node 1), not the lost node
+                reply = create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
             yield reply
 
 
@@ -194,6 +196,22 @@ def test_survivors_between_one_and_the_threshold_abort_and_the_next_round_runs(
     assert "sensor update aborted, global sensor model unchanged: 4 devices sent masked vectors" in text
     grid.hooks.clear()
     assert fed.train_round(2).participants == {"sensor": 10} and not _unchanged(fed, before)
+
+
+def test_a_lost_node_is_charged_to_the_node_not_to_the_superlink_that_answers_for_it(
+    app: Any, tmp_path: Path, cache_dir: Path, log_lines: LogLines
+) -> None:
+    """Flower answers for a dead node with an error from the SuperLink (node 1): the server maps
+    the reply back to the node it asked, counts a training failure, and the round goes on."""
+    fed, grid = _federation(app, tmp_path, cache_dir)
+    nodes = sorted(fed.registry.nodes)
+    grid.hooks.append(_on(KEYS, {nodes[0]}, lambda reply: None))  # dies while training
+    grid.hooks.append(_on(MASK, {nodes[1]}, lambda reply: None))  # dies after sending its keys
+    stats = fed.train_round(1)
+    assert stats.failures == 1 and stats.vanished == 1 and stats.aborted == []
+    assert stats.participants == {"sensor": 8}
+    text = log_lines.text()
+    assert f"node {nodes[0]} failed in round 1" in text and "in no group" not in text
 
 
 def test_replies_from_another_round_are_left_out(
