@@ -170,9 +170,3 @@ def lora_product(b: np.ndarray, a: np.ndarray) -> np.ndarray:
         raise ValueError(f"cannot multiply LoRA B {b.shape} by A {a.shape}")
     return np.einsum("or,r...->o...", b.reshape(b.shape[0], b.shape[1]), a)
 
-
-def row_weights_view(weights: np.ndarray, ndim: int, axis: int) -> np.ndarray:
-    """Broadcast a weight vector along `axis` of an array of `ndim` dimensions."""
-    shape = [1] * ndim
-    shape[axis] = -1
-    return np.asarray(weights).reshape(shape)
