@@ -1,6 +1,6 @@
 """`fedit`: FedIT, the weighted average of A and of B, each on its own.
 
-Zhang, Vahidian, Kuo, Li, Ruan, Zhao, Tao, Wang and Chen, "Towards Building the Federated GPT:
+Zhang et al., "Towards Building the Federated GPT:
 Federated Instruction Tuning", ICASSP 2024. Every device trains both LoRA matrices (A from the
 shared seeded init, B from zero, plain AdamW: LoRA-FA needs A frozen) and the server takes
 FedAvg of A and of B separately:

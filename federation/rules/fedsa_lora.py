@@ -1,7 +1,7 @@
 """`fedsa-lora`: FedSA-LoRA, A shared and averaged, B kept on the device.
 
-Guo, Zhang, Tang, Zhang, Sun, Wang and Li, "Selective Aggregation for Low-Rank Adaptation in
-Federated Learning", ICLR 2025. Their analysis finds that the A matrices learn what is general
+Guo et al., "Selective Aggregation for Low-Rank Adaptation in Federated Learning", ICLR 2025.
+Their analysis finds that the A matrices learn what is general
 across clients and the B matrices what is client-specific, so only A is shared: each device
 trains A and B, uploads A, and keeps its own B from round to round; the server averages A.
 

@@ -1,6 +1,6 @@
 """`ffa-lora`: FFA-LoRA, A frozen at a shared random init, only B trained and averaged, one rank.
 
-Sun, Qin, Li, Song and Ding, "Improving LoRA in Privacy-preserving Federated Learning",
+Sun et al., "Improving LoRA in Privacy-preserving Federated Learning",
 ICLR 2024. With every device's A fixed at the same random init A0, the weighted mean of the
 devices' B is exactly the weighted mean of their updates: sum_k p_k B_k A0 / P = (sum_k p_k B_k
 / P) A0. It halves the upload and is a plain sum, so secure aggregation carries it.

@@ -1,7 +1,7 @@
 """`flora`: FLoRA, the devices' adapters stacked, their product merged into the frozen weights,
 adapters re-initialised every round.
 
-Wang, Shen, Ye, Zhang, Bai and Chen, "FLoRA: Federated Fine-Tuning Large Language Models with
+Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with
 Heterogeneous Low-Rank Adaptations", NeurIPS 2024. Stacking the devices' modules, B_stack =
 [p_1 B_1 | ... | p_K B_K] / P and A_stack = [A_1; ...; A_K], gives B_stack A_stack = sum_k p_k
 B_k A_k / P: exactly the weighted average of the devices' updates, for any mix of ranks

@@ -1,11 +1,10 @@
 """`hetlora`: HetLoRA, heterogeneous ranks by zero-padding, norm-weighted aggregation, rank
 self-pruning.
 
-Cho, Liu, Manoel, Joshi, Sim, Zheng, Gollapudi, Hong, Feng and Wang, "Heterogeneous Low-Rank
-Approximation for Federated Fine-tuning of On-Device Foundation Models", EMNLP 2024 Findings
-(first at FL@FM-NeurIPS'23 as "Heterogeneous LoRA for Federated Fine-tuning of On-Device
-Foundation Models"). A device of rank r_k takes the first r_k columns of the global B and rows
-of the global A (truncation), trains them, and the server
+Cho et al., "Heterogeneous Low-Rank Approximation for Federated Fine-tuning of On-Device
+Foundation Models", EMNLP 2024 Findings (first at FL@FM-NeurIPS'23 as "Heterogeneous LoRA for
+Federated Fine-tuning of On-Device Foundation Models"). A device of rank r_k takes the first
+r_k columns of the global B and rows of the global A (truncation), trains them, and the server
 
 - zero-pads each device's A_k and B_k back to r_max;
 - weighs them by how much the device's adapter changes its model, the Frobenius norm
