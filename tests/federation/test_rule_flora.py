@@ -40,3 +40,23 @@ def test_flora_is_not_a_sum_and_takes_mixed_ranks() -> None:
         RunConfig.parse({"scenario": "smoke", "aggregation": "flora"})
     run = RunConfig.parse({"scenario": "smoke", "aggregation": "flora", "secure-aggregation": False})
     assert run.rule is FLORA and not FLORA.adapter.uniform_rank and FLORA.adapter.residual
+
+
+def test_the_residual_is_part_of_the_checkpoint_and_a_resume_needs_the_same_rule(tmp_path) -> None:
+    from server.loop import RunState
+    from server.round import MetricsEntry
+
+    config = {"scenario": "deploy-check", "aggregation": "flora", "secure-aggregation": False,
+              "out-dir": str(tmp_path)}  # fmt: skip
+    fed = RunState(None, RunConfig.parse(config), 0, config)  # type: ignore[arg-type]
+    residuals = [k for k in fed.state if k.endswith(".lora_residual")]
+    assert residuals and all(not fed.state[k].any() for k in residuals)  # zero at the start
+    assert any(".lora_A." in k for k in fed.state)
+    fed.state[residuals[0]] = fed.state[residuals[0]] + 0.5
+    fed.write(MetricsEntry(round=1, eval={}, federated={}, wall_seconds=1.0))
+    again = {**config, "initial-checkpoint": str(tmp_path / "checkpoint.safetensors")}
+    resumed = RunState(None, RunConfig.parse(again), 0, again)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(resumed.state[residuals[0]], fed.state[residuals[0]])
+    other = {**again, "aggregation": "exact-mixed-rank", "secure-aggregation": True}
+    with pytest.raises(FedgeError, match="does not match this run's model"):
+        RunState(None, RunConfig.parse(other), 0, other)  # type: ignore[arg-type]
