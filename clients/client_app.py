@@ -23,7 +23,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.device import PRIVATE_KEY, _array, _data, _setup, _stored_private, train_locally
+from clients.device import PRIVATE_KEY, _array, _data, _setup, _stored_kept, _stored_private, train_locally
 from clients.exchange_log import timed
 from clients.secagg import register_secure_handlers
 
@@ -75,7 +75,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     if config.get("task") != device.task:
         raise ValueError(f"server sent task {config.get('task')!r} to a {device.task} device")
     shared = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    sums = local_evaluate(run, device, _data(run, device), shared, _stored_private(context))
+    sums = local_evaluate(
+        run, device, _data(run, device), shared, _stored_private(context), _stored_kept(context)
+    )
     metrics = MetricRecord(
         {**sums, "num-examples": int(sums["count"]), "server-round": int(config["server-round"])}
     )

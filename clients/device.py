@@ -14,6 +14,7 @@ import time
 from flwr.app import ArrayRecord, Context, Message
 
 PRIVATE_KEY = "fedge.private"  # context.state key of a device's private part (never sent)
+KEPT_PREFIX = "rule:"  # in that record: what the run's aggregation rule keeps on the device (never sent)
 
 
 def _setup(context: Context):
@@ -43,10 +44,32 @@ def _stored_private(context: Context):
     return None
 
 
+def _stored_kept(context: Context) -> dict:
+    """What the aggregation rule keeps on this device between rounds (FedSA-LoRA's B, HetLoRA's
+    pruned rank), from the same node-state record as the task's private part."""
+    record = context.state.get(PRIVATE_KEY)
+    if not isinstance(record, ArrayRecord):
+        return {}
+    return {k[len(KEPT_PREFIX) :]: v.numpy() for k, v in record.items() if k.startswith(KEPT_PREFIX)}
+
+
+def _store(context: Context, private, kept: dict) -> None:
+    """Keep the task's private part and the rule's device-kept state in the node's state."""
+    record = context.state.get(PRIVATE_KEY)
+    arrays = dict(record.items()) if isinstance(record, ArrayRecord) else {}
+    if private is not None:
+        arrays["user"] = _array(private)
+    for key, value in kept.items():
+        arrays[KEPT_PREFIX + key] = _array(value)
+    if arrays:
+        context.state[PRIVATE_KEY] = ArrayRecord(arrays)
+
+
 def train_locally(msg: Message, context: Context):
     """The round's local work, shared by plain and secure rounds: (run, device, result, round).
 
-    A TV's updated private part goes to the node's state here; it is never part of a reply.
+    A TV's updated private part, and what the aggregation rule keeps on the device, go to the
+    node's state here; neither is ever part of a reply.
     """
     from clients.exchange_log import enabled, phase, record
 
@@ -65,11 +88,11 @@ def train_locally(msg: Message, context: Context):
     with phase("data"):
         data = _data(run, device)
     started = time.perf_counter()
-    result = local_train(run, device, data, shared, server_round, _stored_private(context))
+    private, kept = _stored_private(context), _stored_kept(context)
+    result = local_train(run, device, data, shared, server_round, private, kept)
     record("training", result.metrics["train_seconds"])
     record("model", time.perf_counter() - started - result.metrics["train_seconds"])
-    if result.private is not None:
-        context.state[PRIVATE_KEY] = ArrayRecord({"user": _array(result.private)})
+    _store(context, result.private, result.kept)
     return run, device, result, server_round
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from federation.defaults import run_defaults
 from federation.errors import FedgeError
 from federation.model.lora import LoraSettings
 from federation.rules import Rule, get_rule
+from federation.rules.server_opt import ServerOptimizer
 from federation.scenarios import Scenario, get_scenario
 from federation.training import TrainSettings
 
@@ -122,6 +123,8 @@ class RunConfig:
     def dp(self) -> bool:
         """Whether devices clip, rotate and noise their updates (distributed DP)."""
         return self.dp_mechanism != "none"
+    # -- research methods (docs/methods.md): the server optimizer over the rule's update
+    server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
 
     @property
     def rule(self) -> Rule:
@@ -198,6 +201,27 @@ class RunConfig:
                 f"sum of device uploads ({rule.not_sum_reason}); set secure-aggregation = false "
                 f"(bench-alternate = false) or choose a sum rule: {source.fix('aggregation')}"
             )
+        # -- research methods (docs/methods.md): what the rule needs of the fleet, the server optimizer
+        uniform = _get(cfg, "uniform-rank", int, "nonneg")
+        if rule.adapter.uniform_rank and not uniform:
+            ranks = fleet_ranks(scenario, lora.rank)
+            if len(ranks) > 1:
+                raise FedgeError(
+                    f"run config aggregation={aggregation!r} needs every device to train one LoRA rank, "
+                    f"and the {scenario.name} fleet mixes ranks {sorted(ranks)}: set uniform-rank "
+                    f"(e.g. {min(ranks)}) or choose a mixed-rank rule: {source.fix('uniform-rank')}"
+                )
+        try:
+            server_optimizer = ServerOptimizer(
+                kind=_get(cfg, "server-optimizer", str),
+                lr=_get(cfg, "server-lr", float, "positive"),
+                momentum=_get(cfg, "server-momentum", float, "nonneg"),
+                beta1=_get(cfg, "server-beta1", float, "nonneg"),
+                beta2=_get(cfg, "server-beta2", float, "nonneg"),
+                tau=_get(cfg, "server-tau", float, "positive"),
+            )
+        except ValueError as exc:
+            raise FedgeError(f"run config: {exc}: {source.fix('server-optimizer')}") from None
         return cls(
             scenario=scenario,
             rounds=rounds,
@@ -225,6 +249,7 @@ class RunConfig:
             bench_alternate=_get(cfg, "bench-alternate", bool),
             uniform_rank=_get(cfg, "uniform-rank", int, "nonneg"),
             **_privacy_settings(cfg, source, rule, secure, _get(cfg, "bench-alternate", bool)),
+            server_optimizer=server_optimizer,
         )
 
 
@@ -265,3 +290,15 @@ def _privacy_settings(
                 f"{rule.name!r}: {source.fix('aggregation')}"
             )
     return settings
+
+
+def fleet_ranks(scenario: Scenario, r_max: int) -> set[int]:
+    """The LoRA ranks the scenario's devices train by their tiers (capped by the model's r_max)."""
+    from federation.devices import default_catalogue
+
+    catalogue = default_catalogue()
+    ranks = set()
+    for name in scenario.tiers or {}:
+        device_class, _, tier = name.partition("/")
+        ranks.add(min(catalogue[(device_class, tier)].lora_rank, r_max))
+    return ranks

@@ -7,12 +7,18 @@ A device trains at its own LoRA rank r (its tier's, capped by the model's r_max)
 model computes with the whole global adapter but trains, and holds optimizer state for, only
 the first r columns of each B; its delta is returned zero-padded to r_max, ready for
 `federation.rules.exact_mixed_rank.contribution(delta, weight, rank=r)`. Evaluation uses the r_max model.
+
+The run's aggregation rule says how the adapter is held (`federation.rules.Adapter`): a rule
+may share and train A (its rows beyond r are zero in the delta too), keep some keys on the
+device (`kept`: trained from the device's own copy, returned to the device, never in the
+delta), ask for the device's trained adapter itself rather than its delta (`upload_full`), or
+choose the device's rank from what it keeps (`Rule.device_rank`, HetLoRA's self-pruning).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,17 +27,21 @@ import torch
 from federation.config import RunConfig
 from federation.fleet import Device
 from federation.model.edge import TaskModel, cached_task_model
-from federation.rules.exact_mixed_rank import is_column_key
+from federation.rules.base import Rule, is_a_key, is_b_key, is_residual_key
 from federation.tasks import get_task
 from federation.training import TrainSettings, round_seed
 
 
 @dataclass
 class LocalResult:
-    delta: dict[str, np.ndarray]  # new shared state - received shared state (B: 0 beyond `rank`)
+    # new shared state - received shared state, for every key the device trains and uploads
+    # (B: 0 beyond `rank`, A: 0 beyond row `rank`); for a rule with `upload_full`, the trained
+    # A and B themselves (0 beyond the rank). No residual, no key the device keeps.
+    delta: dict[str, np.ndarray]
     metrics: dict[str, float]
     private: np.ndarray | None  # the device's private part after training (TV), kept on device
     rank: int  # the columns of each B the device trained
+    kept: dict[str, np.ndarray] = field(default_factory=dict)  # the rule's device-kept state, kept on device
 
 
 def task_model(run: RunConfig, task: str, rank: int | None = None) -> TaskModel:
@@ -52,6 +62,25 @@ def training_rank(run: RunConfig, device: Device) -> int:
     return min(run.uniform_rank or device.rank, run.lora.rank)
 
 
+def _zero_beyond_rank(key: str, value: np.ndarray, rank: int) -> np.ndarray:
+    """A LoRA matrix as a rank-r device holds it, zero-padded to r_max (B: columns, A: rows)."""
+    value = np.array(value, copy=True)
+    if is_b_key(key):
+        value[:, rank:] = 0.0
+    elif is_a_key(key):
+        value[rank:] = 0.0
+    return value
+
+
+def starting_state(
+    rule: Rule, shared: Mapping[str, np.ndarray], kept: Mapping[str, np.ndarray] | None
+) -> dict[str, np.ndarray]:
+    """The state a device computes with: the global shared state, with the keys the rule keeps on
+    the device replaced by the device's own copy (none yet: the global one, its initial value)."""
+    kept = kept or {}
+    return {k: (kept[k] if rule.adapter.keeps(k) and k in kept else v) for k, v in shared.items()}
+
+
 def local_train(
     run: RunConfig,
     device: Device,
@@ -59,11 +88,18 @@ def local_train(
     shared: Mapping[str, np.ndarray],
     server_round: int,
     private: np.ndarray | None = None,
+    kept: Mapping[str, np.ndarray] | None = None,
 ) -> LocalResult:
-    """Train the device's task model, at the device's rank, on its own training split, from `shared`."""
+    """Train the device's task model, at the device's rank, on its own training split, from `shared`
+    (and the rule's device-kept state `kept`)."""
+    rule = run.rule
+    kept = dict(kept or {})
     rank = training_rank(run, device)
+    if rule.device_rank is not None:
+        rank = rule.device_rank(kept, rank)
     model = task_model(run, device.task, rank)
-    model.load_shared_state(shared)
+    start = starting_state(rule, shared, kept)
+    model.load_shared_state(start)
     seed = round_seed(run.seed, device.data_client, server_round)
     settings = device_settings(run, device)
     # Dropout (MiniLM's) draws from torch's global RNG, which each process seeds on its own: seed
@@ -73,16 +109,26 @@ def local_train(
         model, data, settings, seed, client_id=device.data_client, run=run, private=private
     )
     after = model.shared_state()
-    delta = {k: (after[k] - np.asarray(v, dtype=after[k].dtype)) for k, v in shared.items()}
-    for key in delta:
-        if is_column_key(key):
-            delta[key][:, rank:] = 0.0  # the frozen tail: the device did not train it
+    delta: dict[str, np.ndarray] = {}
+    new_kept: dict[str, np.ndarray] = {}
+    for key, value in start.items():
+        if is_residual_key(key):
+            continue  # the residual is the server's to move, never trained on a device
+        if rule.adapter.keeps(key):
+            new_kept[key] = after[key]
+            continue
+        if rule.adapter.upload_full and (is_a_key(key) or is_b_key(key)):
+            delta[key] = _zero_beyond_rank(key, after[key], rank)
+        else:  # beyond the rank: the frozen tail, which the device did not train
+            delta[key] = _zero_beyond_rank(key, after[key] - np.asarray(value, dtype=after[key].dtype), rank)
+    if rule.device_keep is not None:
+        new_kept.update(rule.device_keep(kept, after, rank))
     metrics = {
         "train_loss": result.loss,
         "num-examples": float(result.num_examples),
         "train_seconds": result.train_seconds,
     }
-    return LocalResult(delta, metrics, new_private, rank)
+    return LocalResult(delta, metrics, new_private, rank, new_kept)
 
 
 def local_evaluate(
@@ -91,8 +137,10 @@ def local_evaluate(
     data: Any,
     shared: Mapping[str, np.ndarray],
     private: np.ndarray | None = None,
+    kept: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, float | list[float]]:
-    """Summed held-out results on the device (with its private part, where the task has one)."""
+    """Summed held-out results on the device (with its private part, where the task has one, and
+    the rule's device-kept state)."""
     model = task_model(run, device.task)
-    model.load_shared_state(shared)
+    model.load_shared_state(starting_state(run.rule, shared, kept))
     return get_task(device.task).evaluate(model, data, client_id=device.data_client, run=run, private=private)

@@ -52,6 +52,8 @@ class TrainResult:
 
 def _optimizers(model: TaskModel, settings: TrainSettings) -> list[torch.optim.Optimizer]:
     """LoRA-FA for B where A is a matrix (Linear layers); AdamW for B of Conv LoRA and heads.
+    A rule that trains A, or asks for plain AdamW (`federation.rules.Adapter.lora_fa`), gets
+    AdamW on every LoRA matrix it trains.
 
     peft's LoRA-FA projects B's gradient with (A A^T)^-1, written for 2-D A; a Conv1d LoRA's A
     is [r, in, k], so the sensor's B is trained with plain AdamW (A is frozen either way).
@@ -61,7 +63,14 @@ def _optimizers(model: TaskModel, settings: TrainSettings) -> list[torch.optim.O
     lora_config = model.backbone.peft_config["default"]
     head = torch.optim.AdamW(model.head.parameters(), lr=settings.head_lr, weight_decay=0.0)
     linear_a = all(p.ndim == 2 for n, p in model.backbone.named_parameters() if ".lora_A." in n)
-    if linear_a:
+    if not model.adapter.lora_fa:  # the run's rule trains A too, or asks for plain AdamW on B
+        trained = [
+            p
+            for n, p in model.backbone.named_parameters()
+            if ".lora_B." in n or (model.adapter.train_a and ".lora_A." in n)
+        ]
+        lora = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
+    elif linear_a:
         lora = create_lorafa_optimizer(
             model.backbone, r=lora_config.r, lora_alpha=lora_config.lora_alpha, lr=settings.lr
         )

@@ -27,6 +27,8 @@ from federation.data.common import stable_seed
 from federation.errors import FedgeError
 from federation.metrics import PRIMARY_METRIC, add_sums, finalize
 from federation.model.edge import initial_state, task_slice
+from federation.rules.server_opt import STATE_PREFIX, split_server_opt
+from federation.rules.server_opt import step as server_opt_step
 from federation.tasks import get_task
 from server.messaging import send_and_stream
 from server.round import MetricsEntry, RoundResult
@@ -160,6 +162,7 @@ class RunState:
             from federation.privacy.accountant import PrivacyAccountant
 
             self.accountant = PrivacyAccountant(run.dp_delta, run.dp_noise_multiplier, run.dp_mechanism)
+        self.server_opt_state: dict[str, np.ndarray] = {}  # the server optimizer's moments (checkpointed)
         if run.initial_checkpoint:
             self._resume(run.initial_checkpoint)
 
@@ -169,6 +172,7 @@ class RunState:
         was not is dropped, and runs again: no round is counted twice). Every random draw of a
         round is seeded by (seed, round[, device]) alone, so no RNG state needs restoring."""
         state, info = load_checkpoint(path)
+        state, self.server_opt_state = split_server_opt(state)
         if set(state) != set(self.state) or any(tuple(state[k].shape) != self.shapes[k] for k in state):
             raise FedgeError(
                 f"checkpoint {path} does not match this run's model "
@@ -341,7 +345,8 @@ class RunState:
         else:
             result = self.plain_train_round(server_round, chosen)
         rule = self.run.rule
-        self.state = rule.update(self.state, rule.finalize(result.aggregate), 1.0)
+        updated = rule.update(self.state, rule.finalize(result.aggregate), 1.0)
+        self.state = self.server_step(self.state, updated)
         if self.accountant is not None:
             result.privacy = self.accountant.record_round(result.dp_releases)
         result.clock = clock or None
@@ -432,6 +437,18 @@ class RunState:
             return f"unreadable arrays ({exc})"
         return self.run.rule.check(update, expected, self.run.max_weight)
 
+    # -- research methods (docs/methods.md): the server optimizer over the rule's update -----
+    def server_step(
+        self, before: dict[str, np.ndarray], after: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """The new global state: the rule's update `after`, through the run's server optimizer
+        (FedAvgM / FedAdam, `federation.rules.server_opt`; `none` at server-lr 1: `after` itself)."""
+        opt = self.run.server_optimizer
+        if opt.kind == "none" and opt.lr == 1.0:
+            return after
+        new, self.server_opt_state = server_opt_step(opt, before, after, self.server_opt_state)
+        return new
+
     # -- outputs ------------------------------------------------------------------------
     def write(self, record: MetricsEntry) -> None:
         """Append one line to metrics.jsonl (serialised from `record`) and checkpoint the state."""
@@ -441,7 +458,7 @@ class RunState:
             f.write(json.dumps(entry) + "\n")
         save_checkpoint(
             self.out,
-            self.state,
+            {**self.state, **{STATE_PREFIX + k: v for k, v in self.server_opt_state.items()}},
             {
                 "round": entry["round"],
                 "scenario": self.run.scenario.name,

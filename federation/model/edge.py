@@ -32,6 +32,14 @@ from federation.model.lora import (
     lora_product,
     shared_a,
 )
+from federation.rules.base import (
+    DEFAULT_ADAPTER,
+    Adapter,
+    b_key_of,
+    is_a_key,
+    is_b_key,
+    residual_key_of,
+)
 from federation.tasks import get_task
 
 if TYPE_CHECKING:
@@ -45,20 +53,35 @@ def _shared_key(param_name: str) -> str:
 
 
 @dataclass
-class _Tail:
-    """The columns r..r_max of one global adapter that a rank-r model holds frozen (merged)."""
+class _Frozen:
+    """What one wrapped layer holds merged into its frozen weight: the columns r..r_max of the
+    global adapter that a rank-r model does not train, and the rule's residual (if any).
 
-    base: nn.Module  # the wrapped layer: weight = pristine + scaling * B[:, r:] A[r:]
+    weight = pristine + scaling * (residual + B[:, r:] A[r:]); the tail product is left out
+    when the rule drops it (`Adapter.truncate`)."""
+
+    base: nn.Module  # the wrapped layer, whose weight is this model's own copy
     pristine: torch.Tensor  # the pretrained weight, never written (shared across models)
-    a: torch.Tensor  # A[r:], frozen
+    a: torch.Tensor  # A[r:], frozen: from the seed, or the global state's when the rule shares A
     b: torch.Tensor  # the global B[:, r:] last loaded
     scaling: float
+    residual: torch.Tensor | None = None  # the rule's residual R, in the adapter's units (B A)
+    drop_tail: bool = False
+
+    def merge(self) -> None:
+        change = torch.zeros_like(self.pristine)
+        if self.residual is not None:
+            change = change + self.residual.to(self.pristine.dtype)
+        if not self.drop_tail and self.b.shape[1]:
+            change = change + lora_product(self.b, self.a).to(self.pristine.dtype)
+        self.base.weight.copy_(self.pristine + self.scaling * change)
 
 
 class TaskModel(nn.Module):
     """Common plumbing: a peft-wrapped backbone (`self.backbone`) and a head (`self.head`).
 
-    `rank` is the number of B columns this model trains, `r_max` the global adapter's.
+    `rank` is the number of B columns this model trains, `r_max` the global adapter's;
+    `adapter` how the run's aggregation rule has devices hold the adapter (`configure_adapter`).
     """
 
     task: str
@@ -66,6 +89,7 @@ class TaskModel(nn.Module):
     head: nn.Module
     rank: int
     r_max: int
+    adapter: Adapter = DEFAULT_ADAPTER
 
     def _init_rank(self, lora: LoraSettings, seed: int, rank: int) -> None:
         """After `self.backbone` is wrapped at `rank`: set up the frozen tail of each adapter.
@@ -76,53 +100,95 @@ class TaskModel(nn.Module):
         written, so merges do not accumulate.
         """
         self.rank, self.r_max = rank, lora.rank
-        self._tails: dict[str, _Tail] = {}
+        self._lora_seed = seed
+        self._tails: dict[str, _Frozen] = {}
         if rank == lora.rank:
             return
         for layer_name, layer in lora_layers(self.backbone).items():
-            key = _shared_key(f"{layer_name}.lora_B.default.weight")
-            b = layer.lora_B["default"].weight
-            base = layer.get_base_layer()
-            pristine = base.weight.detach()
-            base.weight = nn.Parameter(pristine.clone(), requires_grad=False)
-            self._tails[key] = _Tail(
-                base=base,
-                pristine=pristine,
-                a=shared_a(seed, self.task, layer_name, layer, lora.rank)[rank:],
-                b=torch.zeros((b.shape[0], lora.rank - rank, *b.shape[2:]), dtype=b.dtype),
-                scaling=float(layer.scaling["default"]),
-            )
+            self._freeze(layer_name, layer)
+
+    def _freeze(self, layer_name: str, layer: nn.Module) -> _Frozen:
+        """Give one wrapped layer its own base weight and a record of what is merged into it."""
+        key = _shared_key(f"{layer_name}.lora_B.default.weight")
+        b = layer.lora_B["default"].weight
+        base = layer.get_base_layer()
+        pristine = base.weight.detach()
+        base.weight = nn.Parameter(pristine.clone(), requires_grad=False)
+        frozen = self._tails[key] = _Frozen(
+            base=base,
+            pristine=pristine,
+            a=shared_a(self._lora_seed, self.task, layer_name, layer, self.r_max)[self.rank :],
+            b=torch.zeros((b.shape[0], self.r_max - self.rank, *b.shape[2:]), dtype=b.dtype),
+            scaling=float(layer.scaling["default"]),
+        )
+        return frozen
+
+    def configure_adapter(self, adapter: Adapter) -> None:
+        """Hold the adapter as the run's rule says (once, right after the model is built): train A
+        too, carry a residual in every layer's frozen weight, drop the tail beyond the rank."""
+        self.adapter = adapter
+        for name, param in self.backbone.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(adapter.train_a)
+        if adapter.residual:
+            for layer_name, layer in lora_layers(self.backbone).items():
+                key = _shared_key(f"{layer_name}.lora_B.default.weight")
+                frozen = self._tails.get(key) or self._freeze(layer_name, layer)
+                frozen.residual = torch.zeros_like(frozen.pristine)
+        for frozen in self._tails.values():
+            frozen.drop_tail = adapter.truncate
 
     def _lora_params(self) -> dict[str, nn.Parameter]:
         return {_shared_key(n): p for n, p in lora_b_parameters(self.backbone).items()}
 
+    def _lora_a_params(self) -> dict[str, nn.Parameter]:
+        return {_shared_key(n): p for n, p in self.backbone.named_parameters() if ".lora_A." in n}
+
     def shared_parameters(self) -> dict[str, nn.Parameter]:
-        """What this model trains of the shared state, by key: B[:, :rank] of each adapter + head."""
+        """What this model trains of the shared state, by key: B[:, :rank] of each adapter (and
+        A[:rank] when the rule shares A) + head."""
         params = self._lora_params()
+        if self.adapter.train_a:
+            params.update(self._lora_a_params())
         params.update({f"head.{n}": p for n, p in self.head.named_parameters()})
         return params
 
+    def _residuals(self) -> dict[str, _Frozen]:
+        return {residual_key_of(k): f for k, f in self._tails.items() if f.residual is not None}
+
     def shared_state(self) -> dict[str, np.ndarray]:
-        """The shared state this model computes with: each B r_max wide (trained + frozen tail)."""
+        """The shared state this model computes with: each B r_max wide (trained + frozen tail),
+        each shared A r_max tall, and each residual."""
         state = {}
         for key, param in self.shared_parameters().items():
             value = param.detach().cpu()
-            if key in self._tails:
+            if is_b_key(key) and key in self._tails:
                 value = torch.cat([value, self._tails[key].b], dim=1)
+            elif is_a_key(key) and b_key_of(key) in self._tails:
+                value = torch.cat([value, self._tails[b_key_of(key)].a], dim=0)
             state[key] = value.numpy().copy()
+        for key, frozen in self._residuals().items():
+            state[key] = frozen.residual.detach().cpu().numpy().copy()  # type: ignore[union-attr]
         return state
 
     def shared_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shapes of the shared state (B with r_max columns), whatever this model's rank."""
+        """Shapes of the shared state (B with r_max columns, A with r_max rows), whatever this
+        model's rank."""
         shapes = {key: tuple(p.shape) for key, p in self.shared_parameters().items()}
-        for key in self._lora_params():
-            shapes[key] = (shapes[key][0], self.r_max, *shapes[key][2:])
+        for key in shapes:
+            if is_b_key(key):
+                shapes[key] = (shapes[key][0], self.r_max, *shapes[key][2:])
+            elif is_a_key(key):
+                shapes[key] = (self.r_max, *shapes[key][1:])
+        for key, frozen in self._residuals().items():
+            shapes[key] = tuple(frozen.pristine.shape)
         return shapes
 
     def load_shared_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Set the shared parameters (and merge each B's frozen tail); keys and shapes must match."""
+        """Set the shared parameters (and merge each frozen tail and residual); keys and shapes
+        must match."""
         params, shapes = self.shared_parameters(), self.shared_shapes()
-        missing, extra = set(params) - set(state), set(state) - set(params)
+        missing, extra = set(shapes) - set(state), set(state) - set(shapes)
         if missing or extra:
             raise ValueError(
                 f"{self.task} state mismatch: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"
@@ -134,14 +200,18 @@ class TaskModel(nn.Module):
         with torch.no_grad():
             for key, param in params.items():
                 value = torch.as_tensor(np.asarray(state[key]), dtype=param.dtype)
-                tail = self._tails.get(key)
-                if tail is None:
+                if is_b_key(key) and key in self._tails:
+                    param.copy_(value[:, : self.rank])
+                    self._tails[key].b = value[:, self.rank :].clone()
+                elif is_a_key(key) and b_key_of(key) in self._tails:
+                    param.copy_(value[: self.rank])
+                    self._tails[b_key_of(key)].a = value[self.rank :].clone()
+                else:
                     param.copy_(value)
-                    continue
-                param.copy_(value[:, : self.rank])
-                tail.b = value[:, self.rank :].clone()
-                merged = tail.pristine + tail.scaling * lora_product(tail.b, tail.a).to(tail.pristine.dtype)
-                tail.base.weight.copy_(merged)
+            for key, frozen in self._residuals().items():
+                frozen.residual = torch.as_tensor(np.asarray(state[key]), dtype=frozen.pristine.dtype).clone()
+            for frozen in self._tails.values():
+                frozen.merge()
 
     def export_adapter(self, directory: Path) -> None:
         """Save the LoRA adapter in PEFT format (loads with `PeftModel.from_pretrained`).
@@ -154,6 +224,15 @@ class TaskModel(nn.Module):
         # Embeddings are frozen and never a LoRA target: saying so spares peft its check of the
         # backbone's vocabulary, which would look the public id up on the Hub if not offline.
         self.backbone.save_pretrained(str(directory), save_embedding_layers=False)
+        residuals = self._residuals()
+        if residuals:  # a rule that merges into the frozen weights: the adapter alone is not the model
+            from safetensors.torch import save_file
+
+            save_file(
+                {k: (f.scaling * f.residual).contiguous() for k, f in residuals.items()},  # type: ignore[operator]
+                str(Path(directory) / "lora_residual.safetensors"),
+                metadata={"fedge": "add each tensor to the base weight of its layer (already scaled)"},
+            )
 
 
 def seeded_init(module: nn.Module, seed: int, key: str) -> None:
@@ -178,7 +257,16 @@ def build_task_model(
     rank = lora.rank if rank is None else rank
     if not 1 <= rank <= lora.rank:
         raise ValueError(f"a task model's rank must lie in 1..{lora.rank} (r_max), got {rank}")
-    return get_task(task).build_model(lora, seed, rank, run)
+    model = get_task(task).build_model(lora, seed, rank, run)
+    adapter = _adapter(run)
+    if adapter != DEFAULT_ADAPTER:
+        model.configure_adapter(adapter)
+    return model
+
+
+def _adapter(run: RunConfig | None) -> Adapter:
+    """How the run's aggregation rule has the adapter held (None: fedge's default)."""
+    return run.rule.adapter if run is not None else DEFAULT_ADAPTER
 
 
 def cached_task_model(
@@ -189,7 +277,7 @@ def cached_task_model(
     Keyed by what the model is built from: task, LoRA settings, seed, rank and the run settings
     the task says it reads (`Task.model_key`)."""
     rank = lora.rank if rank is None else rank
-    key = (task, lora, seed, rank, get_task(task).model_key(run))
+    key = (task, lora, seed, rank, get_task(task).model_key(run), _adapter(run))
     model = _MODELS.get(key)
     if model is None:
         if len(_MODELS) >= _MAX_CACHED_MODELS:  # a few tasks x a few ranks per run; drop the oldest

@@ -1,8 +1,10 @@
 """The aggregation-rule registry: a rule's name (run setting `aggregation`) -> its `Rule`.
 
 Built-in rules (one module each): `exact-mixed-rank` (the default: a sum, so secure aggregation
-carries it) and `median` (coordinate-wise median, not a sum). An installed package adds a rule
-through the entry-point group `fedge.rules` (`[project.entry-points."fedge.rules"] NAME =
+carries it) and `median` (coordinate-wise median, not a sum), and the research methods of
+docs/methods.md (`fedit`, `ffa-lora`, `fedsa-lora`, `hetlora`, `flexlora`, `flora`,
+`fedex-lora`). Server optimizers over any rule: `federation.rules.server_opt`. An installed
+package adds a rule through the entry-point group `fedge.rules` (`[project.entry-points."fedge.rules"] NAME =
 "package.module:RULE"`). A name found nowhere is refused with the known names listed.
 """
 
@@ -32,6 +34,14 @@ BUILTIN: dict[str, str] = {
     "median": "federation.rules.median",
     "trimmed-mean": "federation.rules.trimmed_mean",
     "krum": "federation.rules.krum",
+    # research methods (docs/methods.md), one module each
+    "fedit": "federation.rules.fedit",
+    "ffa-lora": "federation.rules.ffa_lora",
+    "fedsa-lora": "federation.rules.fedsa_lora",
+    "hetlora": "federation.rules.hetlora",
+    "flexlora": "federation.rules.flexlora",
+    "flora": "federation.rules.flora",
+    "fedex-lora": "federation.rules.fedex_lora",
 }
 _resolved: dict[str, Rule] = {}
 

@@ -14,6 +14,22 @@ A rule says
 
 State keys are `task/key` on the server (one aggregate for every task of a round); `layout` and
 `check` see one task's keys without the prefix.
+
+A rule also says how a device holds its LoRA adapter (`Adapter`, honoured by
+`federation.model.edge.TaskModel` and `federation.local`): whether A is frozen and derived from
+the run seed (fedge's default) or part of the global state and trained; whether B is trained
+with LoRA-FA or AdamW; whether the global state carries a *residual* merged into each target's
+frozen weight; whether a device of rank r holds the global adapter beyond r frozen or drops it;
+which keys stay on the device; and whether every device must train one rank.
+
+Global state keys of one task (docs/methods.md, "Global state"):
+- `lora.<layer>.lora_B.weight` [out, r_max(, 1)]: always;
+- `lora.<layer>.lora_A.weight` [r_max, in(, k)]: only for a rule whose `Adapter.train_a`;
+- `lora.<layer>.lora_residual` [the base weight's shape]: only for `Adapter.residual`. The
+  layer's weight is W0 + s (R + B A) with s = alpha / r_max: R is in the adapter's own units,
+  so the LoRA scaling is applied once, where the weight is formed (server evaluation and
+  devices alike), never by a rule;
+- `head.<name>`: the task head.
 """
 
 from __future__ import annotations
@@ -48,6 +64,30 @@ class Slot:
 
 
 @dataclass(frozen=True)
+class Adapter:
+    """How a device holds and trains the LoRA adapter under a rule (the device honours it)."""
+
+    train_a: bool = False  # A is in the global state and trained on devices (else frozen, from the seed)
+    lora_fa: bool = True  # B trained with LoRA-FA (needs A frozen); False: AdamW on every trained LoRA matrix
+    residual: bool = False  # the global state carries `<layer>.lora_residual`, merged into the frozen weight
+    truncate: bool = False  # a rank-r device drops the global adapter beyond r (else holds it frozen, merged)
+    upload_full: bool = False  # the device hands `upload` its trained A / B themselves, not their deltas
+    kept_on_device: tuple[str, ...] = ()  # key fragments (".lora_B.") of state a device keeps, never sends
+    uniform_rank: bool = False  # every device must train one rank (mixed ranks need `uniform-rank`)
+
+    def __post_init__(self) -> None:
+        if self.train_a and self.lora_fa:
+            raise ValueError("LoRA-FA trains B under a frozen A: a rule that trains A sets lora_fa=False")
+
+    def keeps(self, key: str) -> bool:
+        """Whether the device keeps this state key (trains it, never uploads it)."""
+        return any(fragment in key for fragment in self.kept_on_device)
+
+
+DEFAULT_ADAPTER = Adapter()
+
+
+@dataclass(frozen=True)
 class Rule:
     """An aggregation rule as a record of plain functions; the server state `S` is explicit."""
 
@@ -62,6 +102,11 @@ class Rule:
     add: Callable[[Any, Arrays], Any]
     finalize: Callable[[Any], dict[str, np.ndarray]]  # the mean delta of every key someone trained
     update: Callable[[Arrays, Arrays, float], dict[str, np.ndarray]]  # (global, aggregate, server lr)
+    adapter: Adapter = DEFAULT_ADAPTER  # how devices hold the adapter under this rule
+    # On the device, optional: the rank it trains this round from its kept state and its tier's
+    # rank (HetLoRA's self-pruning), and what it keeps after training (kept, trained state, rank).
+    device_rank: Callable[[Arrays, int], int] | None = None
+    device_keep: Callable[[Arrays, Arrays, int], dict[str, np.ndarray]] | None = None
 
     def __post_init__(self) -> None:
         if not self.is_sum and not self.not_sum_reason:
@@ -81,3 +126,47 @@ def add_mean_delta(global_state: Arrays, aggregate: Arrays, server_lr: float = 1
 def upload_size(layout: Mapping[str, Slot]) -> int:
     """Coordinates in one upload."""
     return sum(int(np.prod(slot.shape)) for slot in layout.values())
+
+
+# -- LoRA state keys and products (numpy; shared by the rules that pair A with B) -------------
+
+A_PART, B_PART, RESIDUAL = ".lora_A.", ".lora_B.", ".lora_residual"
+
+
+def is_b_key(key: str) -> bool:
+    return B_PART in key
+
+
+def is_a_key(key: str) -> bool:
+    return A_PART in key
+
+
+def is_residual_key(key: str) -> bool:
+    return key.endswith(RESIDUAL)
+
+
+def a_key_of(b_key: str) -> str:
+    """The A key of the layer whose B key this is (`...lora_B.weight` -> `...lora_A.weight`)."""
+    return b_key.replace(B_PART, A_PART)
+
+
+def b_key_of(a_key: str) -> str:
+    """The B key of the layer whose A key this is."""
+    return a_key.replace(A_PART, B_PART)
+
+
+def residual_key_of(b_key: str) -> str:
+    """The residual key of the layer whose B key this is (`...lora_B.weight` -> `...lora_residual`)."""
+    head, _, _ = b_key.partition(B_PART)
+    return head + RESIDUAL
+
+
+def lora_product(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """B A in the shape of the layer's weight, in float64: Linear B [out, r], A [r, in] -> [out, in];
+    Conv1d B [out, r, 1], A [r, in, k] -> [out, in, k] (as `federation.model.lora.lora_product`)."""
+    b = np.asarray(b, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    if b.ndim not in (2, 3) or (b.ndim == 3 and b.shape[2] != 1) or b.shape[1] != a.shape[0]:
+        raise ValueError(f"cannot multiply LoRA B {b.shape} by A {a.shape}")
+    return np.einsum("or,r...->o...", b.reshape(b.shape[0], b.shape[1]), a)
+

@@ -41,9 +41,26 @@ def is_column_key(key: str) -> bool:
     return ".lora_B." in key
 
 
-def _column_view(weights: np.ndarray, ndim: int) -> np.ndarray:
-    """Broadcast a per-column weight vector against a B of `ndim` dimensions (columns = axis 1)."""
-    return weights.reshape((1, -1) + (1,) * (ndim - 2))
+def rank_axis(key: str) -> int | None:
+    """The axis a key's rank runs along: B's columns (1), a shared A's rows (0, for the rules
+    that train A and reuse this rule's sums), none for any other key (heads)."""
+    if is_column_key(key):
+        return 1
+    if ".lora_A." in key:
+        return 0
+    return None
+
+
+def _column_view(weights: np.ndarray, ndim: int, axis: int = 1) -> np.ndarray:
+    """Broadcast a per-rank weight vector against a LoRA matrix of `ndim` dimensions along `axis`."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return weights.reshape(shape)
+
+
+def _beyond(value: np.ndarray, axis: int, r: int) -> np.ndarray:
+    """The part of a LoRA matrix beyond rank r along its rank axis."""
+    return value[:, r:] if axis == 1 else value[r:]
 
 
 def contribution(
@@ -60,13 +77,14 @@ def contribution(
     out: dict[str, np.ndarray] = {}
     for key, value in delta.items():
         value = np.asarray(value, dtype=np.float32)
-        if is_column_key(key):
-            r_max = value.shape[1]
+        axis = rank_axis(key)
+        if axis is not None:
+            r_max = value.shape[axis]
             r = r_max if rank is None else min(rank, r_max)
             if r < 1:
                 raise ValueError(f"rank {r} is outside 1..{r_max} for {key}")
-            if np.any(value[:, r:] != 0):
-                raise ValueError(f"{key} has non-zero columns beyond the device's rank {r}")
+            if np.any(_beyond(value, axis, r) != 0):
+                raise ValueError(f"{key} has non-zero entries beyond the device's rank {r}")
             weights = np.zeros(r_max, dtype=np.float32)
             weights[:r] = weight
         else:
@@ -108,8 +126,9 @@ def finalize(state: SumState) -> dict[str, np.ndarray]:
         if key.endswith(WEIGHT) or key + WEIGHT not in state.sums:
             continue
         weights = state.sums[key + WEIGHT]
-        if is_column_key(key):
-            w = _column_view(weights, total.ndim)
+        axis = rank_axis(key)
+        if axis is not None:
+            w = _column_view(weights, total.ndim, axis)
             out[key] = np.divide(total, w, out=np.zeros_like(total), where=w > 0)
         elif weights[0] > 0:
             out[key] = total / weights[0]
@@ -128,9 +147,9 @@ def layout(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Slot]:
     its weights (`KEY#weight`: per column, axis 1, for a LoRA B; one for any other key)."""
     out: dict[str, Slot] = {}
     for key, shape in shapes.items():
-        column = is_column_key(key)
-        out[key] = Slot(tuple(shape), weighted_by=key + WEIGHT, axis=1 if column else None)
-        out[key + WEIGHT] = Slot((shape[1],) if column else (1,), weights=True)
+        axis = rank_axis(key)
+        out[key] = Slot(tuple(shape), weighted_by=key + WEIGHT, axis=axis)
+        out[key + WEIGHT] = Slot((shape[axis],) if axis is not None else (1,), weights=True)
     return out
 
 
@@ -164,12 +183,13 @@ def validate_contribution(
     if not 0 < weight <= max_weight:
         return f"weight {weight} is outside (0, {max_weight}]"
     for key in shapes:
-        if is_column_key(key):
+        axis = rank_axis(key)
+        if axis is not None:
             w = np.asarray(contrib[key + WEIGHT])
             trained = w > 0
             if trained.any() and not trained[: int(trained.sum())].all():
-                return f"{key}#weight must cover a prefix of the columns (a device trains B's first r)"
-            untrained = ~_column_view(trained, np.ndim(contrib[key]))
+                return f"{key}#weight must cover a prefix of the ranks (a device trains the first r)"
+            untrained = ~_column_view(trained, np.ndim(contrib[key]), axis)
             if np.any(np.where(untrained, np.asarray(contrib[key]), 0) != 0):
                 return f"{key} has non-zero values in columns the device did not train"
     return None
