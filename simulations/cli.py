@@ -592,24 +592,21 @@ def reference(
     name = get_scenario(scenario).name
     target = (out or Path("results") / f"{name}-{kind}" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     _, run = run_config_for(scenario, rounds, seed, target, _parse_sets(set_ or []))
-    tasks = [task] if task else None
-    start = reference(run, "pretrained", tasks)
-    end = start if kind == "pretrained" else reference(run, kind, tasks)
-    lines = reference_entries(start, end, 0 if kind == "pretrained" else run.rounds)
-    lines = lines[:1] if kind == "pretrained" else lines
+    refs = reference(run, kind, [task] if task else None)
+    start, end = reference_entries(refs, refs, run.rounds)
+    line = start if kind == "pretrained" else end
     target.mkdir(parents=True, exist_ok=True)
-    (target / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8")
-    detail = {r.task: {"examples": r.examples, "steps": r.steps, "seconds": r.seconds} for r in end}
+    (target / "metrics.jsonl").write_text(json.dumps(line) + "\n", encoding="utf-8")
+    detail = {r.task: {"examples": r.examples, "steps": r.steps, "seconds": r.seconds} for r in refs}
     (target / "reference.json").write_text(json.dumps({"kind": kind, "tasks": detail}, indent=2))
     table = Table(title=f"{kind} reference, {name}, seed {seed}: held-out results")
-    for col in ("task", "where", "start", kind, "examples"):
+    for col in ("task", "where", "metrics", "examples"):
         table.add_column(col)
-    for a, b in zip(start, end, strict=True):
-        for where, s, e in (("server", a.eval, b.eval), ("on devices", a.federated, b.federated)):
-            metric = next((m for m in ("top1", "auc", "accuracy") if m in (e or s)), None)
-            if metric and e:
-                before = f"{s.get(metric, float('nan')):.4f}"
-                table.add_row(a.task, where, before, f"{e[metric]:.4f} {metric}", str(b.examples))
+    for r in refs:
+        for where, values in (("server", r.eval), ("on devices", r.federated)):
+            if values:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "examples")
+                table.add_row(r.task, where, shown, str(r.examples))
     console.print(table)
     console.print(f"results in {target}")
 

@@ -248,17 +248,16 @@ def task_info(run: Any) -> dict[str, dict[str, Any]]:
 
 
 def run_reference(cell: Cell, run: Any, out: Path) -> None:
-    """A reference cell: the pretrained start (round 0) and the reference (last round), in a
-    run's metrics.jsonl format, plus reference.json (examples and steps)."""
+    """A reference cell, in a run's metrics.jsonl format: the pretrained start as round 0 (a
+    `pretrained` cell), or the reference after training as the run's last round (the start is
+    the federated runs' round 0, the same model on the same data), plus reference.json."""
     from federation.references import reference, reference_entries
 
-    start = reference(run, "pretrained")
-    end = start if cell.kind == "pretrained" else reference(run, cell.kind)
-    lines = reference_entries(start, end, run.rounds if cell.kind != "pretrained" else 0)
-    if cell.kind == "pretrained":
-        lines = lines[:1]
+    refs = reference(run, cell.kind)
+    start, end = reference_entries(refs, refs, run.rounds)
+    lines = [start] if cell.kind == "pretrained" else [end]
     (out / METRICS_FILE).write_text("".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8")
-    detail = {r.task: {"examples": r.examples, "steps": r.steps, "seconds": r.seconds} for r in end}
+    detail = {r.task: {"examples": r.examples, "steps": r.steps, "seconds": r.seconds} for r in refs}
     (out / "reference.json").write_text(json.dumps({"kind": cell.kind, "tasks": detail}, indent=2))
 
 

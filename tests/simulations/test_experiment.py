@@ -44,7 +44,11 @@ def test_grid_is_methods_by_scenarios_by_seeds_plus_references() -> None:
         ("centralized", "centralized", 1),
     ]
     plain = cells[1]
-    assert plain.sets == {"federated-eval-every": 2, "secure-aggregation": False, "aggregation": "exact-mixed-rank"}
+    assert plain.sets == {
+        "federated-eval-every": 2,
+        "secure-aggregation": False,
+        "aggregation": "exact-mixed-rank",
+    }
     assert "aggregation" not in cells[2].sets  # a reference has no rule
     assert len({c.key for c in cells}) == len(cells) and len({c.id for c in cells}) == len(cells)
 
@@ -59,12 +63,24 @@ def test_grid_is_methods_by_scenarios_by_seeds_plus_references() -> None:
         ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[]\n[methods]\na={}", "seeds must be"),
         ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0, 0]\n[methods]\na={}", "seeds must be"),
         ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[-1]\n[methods]\na={}", "seeds must be"),
-        ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\nrounds=-2\n[methods]\na={}", "rounds must be"),
-        ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\nseed=[1]\n[methods]\na={}", "unknown key `seed`"),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\nrounds=-2\n[methods]\na={}",
+            "rounds must be",
+        ),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\nseed=[1]\n[methods]\na={}",
+            "unknown key `seed`",
+        ),
         ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]", "nothing to run"),
-        ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\nreferences=['oracle']", "unknown reference"),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\nreferences=['oracle']",
+            "unknown reference",
+        ),
         ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\n[method]\na={}", "unknown table [method]"),
-        ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\n[methods]\na={rule='b'}", "unknown key `rule`"),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\n[methods]\na={rule='b'}",
+            "unknown key `rule`",
+        ),
         (
             "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\n[methods]\na={set={aggregation='b'}}",
             "give the rule as `aggregation`",
@@ -95,8 +111,8 @@ def test_unknown_rule_or_setting_is_refused_before_any_cell_runs(tmp_path: Path)
     assert "method 'later'" in message and "no-such-rule" in message and "exact-mixed-rank" in message
     assert calls == [] and not (tmp_path / "x").exists()  # nothing ran, nothing was written
 
-    text = GOOD + 'typo = { set = { learning-rate = 0.1 } }\n'
-    with pytest.raises(FedgeError, match="method 'typo'.*learning-rate"):
+    text = GOOD + "typo = { set = { learning-rate = 0.1 } }\n"
+    with pytest.raises(FedgeError, match=r"method 'typo'.*learning-rate"):
         run_experiment(parse_experiment(text), tmp_path / "y", _check, lambda *a, **k: calls.append(a))
     assert calls == []
 
@@ -145,20 +161,41 @@ def _cell(
         "phone": {"metric": "top1", "personalised": False, "classes": ["phone"]},
         "tv": {"metric": "auc", "personalised": True, "classes": ["tv"]},
     }
-    record = {"id": name, "kind": kind, "method": method, "scenario": "s", "setting": "default",
-              "seed": seed, "order": len(list((root / "cells").iterdir())), "tasks": tasks}  # fmt: skip
+    record = {
+        "id": name,
+        "kind": kind,
+        "method": method,
+        "scenario": "s",
+        "setting": "default",
+        "seed": seed,
+        "order": len(list((root / "cells").iterdir())),
+        "tasks": tasks,
+    }
     (cell_dir / "cell.json").write_text(json.dumps(record))
     (cell_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     (cell_dir / DONE_FILE).write_text("{}")
 
 
 def _run_lines(phone: float, tv_server: float, tv_devices: float, upload: int, eps: float | None) -> list:
-    start = {"round": 0, "eval": {"phone": {"top1": 0.0}, "tv": {"auc": 0.5}}, "federated": {"tv": {"auc": 0.6}}}
-    middle: dict[str, Any] = {"round": 1, "eval": {"phone": {"top1": 0.05}, "tv": {"auc": 0.52}}, "federated": {},
-                              "upload_bytes": upload, "clock": {"sim_time_s": 7200.0, "simulated_s": 30.0}}  # fmt: skip
-    end: dict[str, Any] = {"round": 2, "eval": {"phone": {"top1": phone}, "tv": {"auc": tv_server}},
-                           "federated": {"phone": {"top1": 0.9}, "tv": {"auc": tv_devices}},
-                           "upload_bytes": upload, "clock": {"sim_time_s": 7530.0, "simulated_s": 30.0}}  # fmt: skip
+    start = {
+        "round": 0,
+        "eval": {"phone": {"top1": 0.0}, "tv": {"auc": 0.5}},
+        "federated": {"tv": {"auc": 0.6}},
+    }
+    middle: dict[str, Any] = {
+        "round": 1,
+        "eval": {"phone": {"top1": 0.05}, "tv": {"auc": 0.52}},
+        "federated": {},
+        "upload_bytes": upload,
+        "clock": {"sim_time_s": 7200.0, "simulated_s": 30.0},
+    }
+    end: dict[str, Any] = {
+        "round": 2,
+        "eval": {"phone": {"top1": phone}, "tv": {"auc": tv_server}},
+        "federated": {"phone": {"top1": 0.9}, "tv": {"auc": tv_devices}},
+        "upload_bytes": upload,
+        "clock": {"sim_time_s": 7530.0, "simulated_s": 30.0},
+    }
     if eps is not None:
         middle["privacy"] = {"epsilon": eps / 2, "delta": 1e-5}
         end["privacy"] = {"epsilon": eps, "delta": 1e-5}
@@ -169,14 +206,16 @@ def test_report_table_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
     _cell(tmp_path, "a0", "rule-a", 0, _run_lines(0.10, 0.55, 0.70, 1_000_000, None))
     _cell(tmp_path, "a1", "rule-a", 1, _run_lines(0.20, 0.65, 0.60, 3_000_000, None))
     _cell(tmp_path, "a2", "rule-a", 2, _run_lines(0.30, 0.60, 0.65, 2_000_000, None))
-    local = [{"round": 0, "federated": {"phone": {"top1": 0.0}, "tv": {"auc": 0.6}}},
-             {"round": 2, "federated": {"phone": {"top1": 0.07}, "tv": {"auc": 0.58}}}]  # fmt: skip
+    local = [
+        {"round": 0, "federated": {"phone": {"top1": 0.0}, "tv": {"auc": 0.6}}},
+        {"round": 2, "federated": {"phone": {"top1": 0.07}, "tv": {"auc": 0.58}}},
+    ]
     _cell(tmp_path, "l0", "local-only", 0, local, kind="local-only")
     unfinished = tmp_path / "cells" / "b0"
     _cell(tmp_path, "b0", "rule-b", 0, _run_lines(0.9, 0.9, 0.9, 1, None))
     (unfinished / DONE_FILE).unlink()  # interrupted: not reported
 
-    rows, groups, cols = build_report(tmp_path)
+    _, groups, cols = build_report(tmp_path)
     assert [c.name for c in cols] == ["phone top1", "tv auc", "tv auc (on devices)"]
     assert [g.key["method"] for g in groups] == ["rule-a", "local-only"]
     a = groups[0]
