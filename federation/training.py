@@ -112,13 +112,28 @@ def train_classifier(
     settings: TrainSettings,
     seed: int,
     label_smoothing: float = 0.0,
+    present_classes_only: bool = False,
 ) -> TrainResult:
-    """Local training of a classifier (`model(x)` gives logits) on (x, y): LoRA B + head, cross-entropy."""
+    """Local training of a classifier (`model(x)` gives logits) on (x, y): LoRA B + head, cross-entropy.
+
+    `present_classes_only`: the softmax runs over the classes present in the device's own
+    training labels only (restricted softmax, FedRS: Li & Zhan, "FedRS: Federated Learning with
+    Restricted Softmax for Label Distribution Non-IID Data", KDD 2021), so a device never pushes
+    down the logits of classes it has no examples of; under label skew that is what makes the
+    averaged head swing with the round's sample of devices.
+    """
     model.train()
     optimizers = _optimizers(model, settings)
     start, losses, seen = time.perf_counter(), [], 0
+    present = torch.unique(y) if present_classes_only else None
+    remap = torch.full((int(y.max()) + 1 if len(y) else 1,), -1, dtype=torch.long)
+    if present is not None:
+        remap[present] = torch.arange(len(present))
     for idx in _batches(len(x), settings, seed):
-        loss = nn.functional.cross_entropy(model(x[idx]), y[idx], label_smoothing=label_smoothing)
+        logits, target = model(x[idx]), y[idx]
+        if present is not None:
+            logits, target = logits[:, present], remap[target]
+        loss = nn.functional.cross_entropy(logits, target, label_smoothing=label_smoothing)
         _step(optimizers, loss)
         losses.append(loss.item())
         seen += len(idx)

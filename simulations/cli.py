@@ -541,6 +541,106 @@ def bench_deploy(
     deploy(seed, console, simulate_scenario, rounds)
 
 
+# -- research: experiments, their reports, and references (issue 9) ---------------------------
+
+
+@app.command()
+def experiment(
+    file: Annotated[Path, typer.Argument(help="an experiment .toml (see simulations/experiment.py)")],
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default results/experiments/<name>)")
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option(help="only these seeds, comma-separated (a reduced run)")
+    ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="only these methods/references, comma-separated (a reduced run)")
+    ] = None,
+) -> None:
+    """Run a grid of federated runs and references (resumable: finished cells are skipped),
+    then write results.csv, results.md and plots."""
+    from simulations.experiment import load_experiment, run_experiment, select
+
+    spec = load_experiment(file)
+    spec = select(
+        spec,
+        [int(s) for s in seeds.split(",") if s.strip()] if seeds else None,
+        [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+    )
+    target = (out or Path("results") / "experiments" / spec.name).resolve()
+
+    def check(scenario: str, rounds: int | None, seed: int, cell_out: Path, sets: dict) -> RunConfig:
+        return run_config_for(scenario_argument(scenario), rounds, seed, cell_out, sets)[1]
+
+    def simulate_cell(
+        scenario: str, rounds: int | None, seed: int, cell_out: Path, sets: dict, quiet: bool
+    ) -> Path:
+        return simulate_scenario(scenario, rounds, seed, cell_out, sets, quiet=quiet)
+
+    run_experiment(spec, target, check, simulate_cell, say=lambda line: print(line, flush=True))
+
+
+@app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="an experiment's output folder")],
+) -> None:
+    """Rebuild an experiment's results.csv, results.md and plots from its saved cells."""
+    from simulations.report import build_report
+
+    build_report(directory)
+    print((directory / "results.md").read_text(encoding="utf-8"), end="")
+    console.print(f"wrote {directory / 'results.md'}, results.csv, cells.csv, plots/")
+
+
+@app.command()
+def reference(
+    kind: Annotated[str, typer.Option(help="pretrained, centralized or local-only")] = "centralized",
+    scenario: Annotated[str, typer.Option(help="named scenario or scenario file")] = run_default("scenario"),
+    rounds: Annotated[
+        int | None, typer.Option(help="the federated run's rounds (default: the scenario's)")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="seed of the federated run it is a reference for")
+    ] = run_default("seed"),
+    task: Annotated[
+        str | None, typer.Option(help="only this task (default: every task of the scenario)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default results/<scenario>-<kind>/<timestamp>)")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+) -> None:
+    """A reference for a federated run on the same held-out data (no Flower): the pretrained start,
+    centralized LoRA on the pooled training data (same examples), or each device alone."""
+    from federation.references import KINDS, reference, reference_entries
+
+    if kind not in KINDS:
+        raise FedgeError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
+    scenario = scenario_argument(scenario)
+    from federation.scenarios import get_scenario
+
+    name = get_scenario(scenario).name
+    target = (out or Path("results") / f"{name}-{kind}" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+    _, run = run_config_for(scenario, rounds, seed, target, _parse_sets(set_ or []))
+    refs = reference(run, kind, [task] if task else None)
+    start, end = reference_entries(refs, refs, run.rounds)
+    line = start if kind == "pretrained" else end
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "metrics.jsonl").write_text(json.dumps(line) + "\n", encoding="utf-8")
+    detail = {r.task: {"examples": r.examples, "steps": r.steps, "seconds": r.seconds} for r in refs}
+    (target / "reference.json").write_text(json.dumps({"kind": kind, "tasks": detail}, indent=2))
+    table = Table(title=f"{kind} reference, {name}, seed {seed}: held-out results")
+    for col in ("task", "where", "metrics", "examples"):
+        table.add_column(col)
+    for r in refs:
+        for where, values in (("server", r.eval), ("on devices", r.federated)):
+            if values:
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "examples")
+                table.add_row(r.task, where, shown, str(r.examples))
+    console.print(table)
+    console.print(f"results in {target}")
+
+
 def main() -> None:
     try:
         app()

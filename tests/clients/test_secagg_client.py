@@ -64,7 +64,7 @@ def _context(partition: int, run_config: dict[str, Any] | None = None) -> Contex
     return Context(
         run_id=RUN_ID,
         node_id=100 + partition,
-        node_config={"partition-id": partition, "num-partitions": 36},
+        node_config={"partition-id": partition, "num-partitions": 40},
         state=RecordDict(),
         run_config=dict(run_config or RUN_CONFIG),
     )

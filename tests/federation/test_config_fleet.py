@@ -40,7 +40,7 @@ def test_pyproject_run_config_parses_to_the_documented_defaults() -> None:
     assert run.scenario.name == "smart-home"
     assert run.rounds == run.scenario.rounds == 12  # 0 means: the scenario's
     assert run.local_steps == 0  # 0 means: the scenario's, per device class
-    assert [run.train_for(c).steps for c in ("phone", "tv", "sensor")] == [10, 10, 30]
+    assert [run.train_for(c).steps for c in ("phone", "tv", "sensor")] == [10, 3, 30]
     assert RunConfig.parse({"local-steps": 3}).train_for("sensor").steps == 3
     assert (run.lora.rank, run.lora.alpha, run.lora.targets) == (8, 16, ("query", "value"))
     assert run.train.lr == pytest.approx(3e-3) and run.train.private_lr == pytest.approx(0.05)
@@ -93,7 +93,7 @@ def test_partitions_map_to_a_mixed_fleet_deterministically() -> None:
     assert [d.device_class for d in devices[:3]] == ["phone", "tv", "sensor"]
     assert [d.task for d in devices[:3]] == ["phone", "tv", "sensor"]
     counts = {c: sum(d.device_class == c for d in devices) for c in scenario.fleet}
-    assert counts == scenario.fleet == {"phone": 14, "tv": 10, "sensor": 12}
+    assert counts == scenario.fleet == {"phone": 14, "tv": 10, "sensor": 16}
     assert len(set(devices)) == scenario.size  # every device holds its own data client
     # any prefix of the nodes is mixed
     assert {d.device_class for d in devices[:6]} == {"phone", "tv", "sensor"}
@@ -103,15 +103,15 @@ def test_partitions_map_to_a_mixed_fleet_deterministically() -> None:
 
 def test_smart_home_is_a_mixed_rank_fleet() -> None:
     scenario = get_scenario("smart-home")
-    assert scenario.size == 36 and sum(scenario.per_round.values()) == 12
+    assert scenario.size == 40 and sum(scenario.per_round.values()) == 16
     assert scenario.tiers == {
         "phone/low": 5,
         "phone/mid": 5,
         "phone/high": 4,
         "tv/mid": 6,
         "tv/high": 4,
-        "sensor/low": 6,
-        "sensor/high": 6,
+        "sensor/low": 8,
+        "sensor/high": 8,
     }
     devices = [device_for_partition(scenario, p, seed=0) for p in range(scenario.size)]
     assert Counter(f"{d.device_class}/{d.tier}" for d in devices) == scenario.tiers
@@ -173,11 +173,11 @@ def test_fleet_larger_than_the_dataset_is_refused() -> None:
         fleet_data_clients("sensor", 17, 0)
 
 
-@pytest.mark.parametrize("partition_id", [-1, 36, 100])
+@pytest.mark.parametrize("partition_id", [-1, 40, 100])
 def test_partition_out_of_range_names_num_supernodes(partition_id: int) -> None:
-    with pytest.raises(FedgeError, match=r"num-supernodes=36"):
+    with pytest.raises(FedgeError, match=r"num-supernodes=40"):
         device_for_partition(get_scenario("smart-home"), partition_id, seed=0)
-    with pytest.raises(FedgeError, match=r"num-supernodes=36"):
+    with pytest.raises(FedgeError, match=r"num-supernodes=40"):
         device_from_node_config({"partition-id": partition_id}, get_scenario("smart-home"), 0)
 
 
@@ -203,7 +203,7 @@ def test_deployment_node_config_resolves() -> None:
     sim = device_from_node_config({"partition-id": 0, "tier": "mid"}, scenario, 0)
     assert (sim.device_class, sim.tier, sim.rank) == ("phone", "mid", 4)
     # simulation: the partition id alone
-    sim = device_from_node_config({"partition-id": 1, "num-partitions": 36}, scenario, 0)
+    sim = device_from_node_config({"partition-id": 1, "num-partitions": 40}, scenario, 0)
     assert sim == device_for_partition(scenario, 1, 0) and sim.device_class == "tv"
 
 

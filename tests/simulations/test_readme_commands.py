@@ -154,6 +154,8 @@ def _fedge_checks(readme: str, assignments: list[str], args: list[str], out: str
         return [Check(readme, "--help", shlex.join([*fedge, sub, *rest[:1], "--help"]))]
     if sub in ("scenarios", "prepare"):
         return [Check(readme, "as written", shlex.join([*fedge, sub, *rest]))]
+    if sub in ("experiment", "report", "reference"):  # long runs (tests/simulations/test_experiment.py)
+        return [Check(readme, "--help", shlex.join([*fedge, sub, "--help"]))]
     if sub in ("bench", "pretrain-imu"):  # long runs; pretrain-imu rewrites the shipped encoder
         return [Check(readme, "--help", shlex.join([*fedge, sub, *rest, "--help"]))]
     return []

@@ -1,0 +1,251 @@
+"""`fedge experiment`: bad experiment files are refused with a clear message, unknown rules are
+refused before anything runs, a finished cell is skipped and an interrupted one rerun (real
+reference cells on a 3-watch scenario: no Flower), and `fedge report` rebuilds the table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from federation.errors import FedgeError
+from simulations.cli import run_config_for
+from simulations.experiment import load_experiment, parse_experiment, run_experiment
+from simulations.report import DONE_FILE, build_report
+
+GOOD = """
+[experiment]
+name = "t"
+scenarios = ["smoke"]
+seeds = [0, 1]
+references = ["centralized"]
+set = { federated-eval-every = 2 }
+[methods]
+exact-mixed-rank = {}
+plain = { aggregation = "exact-mixed-rank", set = { secure-aggregation = false } }
+"""
+
+
+def _check(scenario: str, rounds: int | None, seed: int, out: Path, sets: dict[str, Any]) -> Any:
+    return run_config_for(scenario, rounds, seed, out, sets)[1]
+
+
+def test_grid_is_methods_by_scenarios_by_seeds_plus_references() -> None:
+    experiment = parse_experiment(GOOD)
+    cells = experiment.cells
+    assert [(c.kind, c.method, c.seed) for c in cells] == [
+        ("run", "exact-mixed-rank", 0),
+        ("run", "plain", 0),
+        ("centralized", "centralized", 0),
+        ("run", "exact-mixed-rank", 1),
+        ("run", "plain", 1),
+        ("centralized", "centralized", 1),
+    ]
+    plain = cells[1]
+    assert plain.sets == {
+        "federated-eval-every": 2,
+        "secure-aggregation": False,
+        "aggregation": "exact-mixed-rank",
+    }
+    assert "aggregation" not in cells[2].sets  # a reference has no rule
+    assert len({c.key for c in cells}) == len(cells) and len({c.id for c in cells}) == len(cells)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[experiment\nname='x'", "is not valid TOML"),
+        ("[methods]\na = {}", "[experiment] must be a table"),
+        ("[experiment]\nscenarios=['smoke']\nseeds=[0]\n[methods]\na={}", "needs a `name`"),
+        ("[experiment]\nname='x'\nseeds=[0]\n[methods]\na={}", "scenarios must be a non-empty list"),
+        ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[]\n[methods]\na={}", "seeds must be"),
+        ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0, 0]\n[methods]\na={}", "seeds must be"),
+        ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[-1]\n[methods]\na={}", "seeds must be"),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\nrounds=-2\n[methods]\na={}",
+            "rounds must be",
+        ),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\nseed=[1]\n[methods]\na={}",
+            "unknown key `seed`",
+        ),
+        ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]", "nothing to run"),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\nreferences=['oracle']",
+            "unknown reference",
+        ),
+        ("[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\n[method]\na={}", "unknown table [method]"),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\n[methods]\na={rule='b'}",
+            "unknown key `rule`",
+        ),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\n[methods]\na={set={aggregation='b'}}",
+            "give the rule as `aggregation`",
+        ),
+        (
+            "[experiment]\nname='x'\nscenarios=['smoke']\nseeds=[0]\n[methods]\na={}\nb={aggregation='a'}",
+            "have the same settings",
+        ),
+    ],
+)
+def test_bad_experiment_files_are_refused_with_a_clear_message(text: str, says: str) -> None:
+    with pytest.raises(FedgeError) as caught:
+        parse_experiment(text, "bad.toml")
+    assert says in str(caught.value) and "bad.toml" in str(caught.value)
+
+
+def test_missing_experiment_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FedgeError, match="does not exist"):
+        load_experiment(tmp_path / "nope.toml")
+
+
+def test_unknown_rule_or_setting_is_refused_before_any_cell_runs(tmp_path: Path) -> None:
+    calls: list[Any] = []
+    text = GOOD + 'later = { aggregation = "no-such-rule" }\n'
+    with pytest.raises(FedgeError) as caught:
+        run_experiment(parse_experiment(text), tmp_path / "x", _check, lambda *a, **k: calls.append(a))
+    message = str(caught.value)
+    assert "method 'later'" in message and "no-such-rule" in message and "exact-mixed-rank" in message
+    assert calls == [] and not (tmp_path / "x").exists()  # nothing ran, nothing was written
+
+    text = GOOD + "typo = { set = { learning-rate = 0.1 } }\n"
+    with pytest.raises(FedgeError, match=r"method 'typo'.*learning-rate"):
+        run_experiment(parse_experiment(text), tmp_path / "y", _check, lambda *a, **k: calls.append(a))
+    assert calls == []
+
+
+TINY = """
+[experiment]
+name = "tiny"
+scenarios = ["deploy-check"]
+seeds = [0]
+references = ["pretrained", "local-only"]
+"""
+
+
+def test_finished_cells_are_skipped_and_interrupted_ones_rerun(tmp_path: Path) -> None:
+    out = tmp_path / "exp"
+    said: list[str] = []
+    experiment = parse_experiment(TINY)
+    never = lambda *a, **k: pytest.fail("no federated cell in this experiment")  # noqa: E731
+    run_experiment(experiment, out, _check, never, say=said.append)
+    pretrained_dir, local_dir = (out / "cells" / c.id for c in experiment.cells)
+    assert len([s for s in said if s.startswith("[")]) == 2 and "skipped" not in " ".join(said)
+    first = json.loads((local_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert first["round"] == 1 and first["federated"]["sensor"]["accuracy"] >= 0.0
+    assert (out / "results.md").is_file() and (out / "results.csv").is_file()
+
+    # the local-only cell is interrupted (no done.json); the pretrained one finished
+    (local_dir / DONE_FILE).unlink()
+    (local_dir / "leftover").write_text("from the interrupted attempt")
+    metrics_mtime = (pretrained_dir / "metrics.jsonl").stat().st_mtime_ns
+    said.clear()
+    run_experiment(experiment, out, _check, never, say=said.append)
+    assert said[0].startswith("[1/2] pretrained") and said[0].endswith("done before, skipped")
+    assert said[1].startswith("[2/2] local-only") and "rerun: interrupted before" in said[1]
+    assert (pretrained_dir / "metrics.jsonl").stat().st_mtime_ns == metrics_mtime
+    assert not (local_dir / "leftover").exists() and (local_dir / DONE_FILE).is_file()
+    again = json.loads((local_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert again["federated"] == first["federated"]  # seeded: the rerun trains alike
+
+
+def _cell(
+    root: Path, name: str, method: str, seed: int, lines: list[dict[str, Any]], kind: str = "run"
+) -> None:
+    cell_dir = root / "cells" / name
+    cell_dir.mkdir(parents=True)
+    tasks = {
+        "phone": {"metric": "top1", "personalised": False, "classes": ["phone"]},
+        "tv": {"metric": "auc", "personalised": True, "classes": ["tv"]},
+    }
+    record = {
+        "id": name,
+        "kind": kind,
+        "method": method,
+        "scenario": "s",
+        "setting": "default",
+        "seed": seed,
+        "order": len(list((root / "cells").iterdir())),
+        "tasks": tasks,
+    }
+    (cell_dir / "cell.json").write_text(json.dumps(record))
+    (cell_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    (cell_dir / DONE_FILE).write_text("{}")
+
+
+def _run_lines(phone: float, tv_server: float, tv_devices: float, upload: int, eps: float | None) -> list:
+    start = {
+        "round": 0,
+        "eval": {"phone": {"top1": 0.0}, "tv": {"auc": 0.5}},
+        "federated": {"tv": {"auc": 0.6}},
+    }
+    middle: dict[str, Any] = {
+        "round": 1,
+        "eval": {"phone": {"top1": 0.05}, "tv": {"auc": 0.52}},
+        "federated": {},
+        "upload_bytes": upload,
+        "clock": {"sim_time_s": 7200.0, "simulated_s": 30.0},
+    }
+    end: dict[str, Any] = {
+        "round": 2,
+        "eval": {"phone": {"top1": phone}, "tv": {"auc": tv_server}},
+        "federated": {"phone": {"top1": 0.9}, "tv": {"auc": tv_devices}},
+        "upload_bytes": upload,
+        "clock": {"sim_time_s": 7530.0, "simulated_s": 30.0},
+    }
+    if eps is not None:
+        middle["privacy"] = {"epsilon": eps / 2, "delta": 1e-5}
+        end["privacy"] = {"epsilon": eps, "delta": 1e-5}
+    return [start, middle, end]
+
+
+def test_report_table_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    _cell(tmp_path, "a0", "rule-a", 0, _run_lines(0.10, 0.55, 0.70, 1_000_000, None))
+    _cell(tmp_path, "a1", "rule-a", 1, _run_lines(0.20, 0.65, 0.60, 3_000_000, None))
+    _cell(tmp_path, "a2", "rule-a", 2, _run_lines(0.30, 0.60, 0.65, 2_000_000, None))
+    local = [
+        {"round": 0, "federated": {"phone": {"top1": 0.0}, "tv": {"auc": 0.6}}},
+        {"round": 2, "federated": {"phone": {"top1": 0.07}, "tv": {"auc": 0.58}}},
+    ]
+    _cell(tmp_path, "l0", "local-only", 0, local, kind="local-only")
+    unfinished = tmp_path / "cells" / "b0"
+    _cell(tmp_path, "b0", "rule-b", 0, _run_lines(0.9, 0.9, 0.9, 1, None))
+    (unfinished / DONE_FILE).unlink()  # interrupted: not reported
+
+    _, groups, cols = build_report(tmp_path)
+    assert [c.name for c in cols] == ["phone top1", "tv auc", "tv auc (on devices)"]
+    assert [g.key["method"] for g in groups] == ["rule-a", "local-only"]
+    a = groups[0]
+    mean, std, n = a.stats["phone top1"]  # server-side at the last line, not the on-device 0.9
+    assert n == 3 and mean == pytest.approx(0.2) and std == pytest.approx(0.1)  # sample std (n - 1)
+    assert a.stats["tv auc"][:2] == pytest.approx((0.6, 0.05))
+    assert a.stats["tv auc (on devices)"][:2] == pytest.approx((0.65, 0.05))
+    assert a.stats["upload MB"][:2] == pytest.approx((4.0, 2.0))  # summed over the run's lines
+    assert a.stats["simulated h"][0] == pytest.approx((7560.0 - 7200.0) / 3600.0)
+    local_group = groups[1]
+    assert local_group.stats["phone top1"][:3] == pytest.approx((0.07, 0.0, 1))  # on devices: no server model
+    assert local_group.stats["upload MB"][0] == 0.0
+
+    md = (tmp_path / "results.md").read_text()
+    assert "| rule-a | run | s | default | 3 | 0.200 ± 0.100 | 0.600 ± 0.050 | 0.650 ± 0.050 |" in md
+    assert "epsilon" not in md and "rule-b" not in md
+    csv_text = (tmp_path / "results.csv").read_text()
+    assert "phone top1 mean" in csv_text and "0.2," in csv_text
+    assert (tmp_path / "plots" / "curves-s.png").is_file() and (tmp_path / "plots" / "upload-s.png").is_file()
+
+
+def test_report_shows_epsilon_when_runs_carry_it(tmp_path: Path) -> None:
+    _cell(tmp_path, "d0", "dp", 0, _run_lines(0.1, 0.5, 0.6, 10, 2.0))
+    _cell(tmp_path, "d1", "dp", 1, _run_lines(0.1, 0.5, 0.6, 10, 4.0))
+    _, groups, _ = build_report(tmp_path)
+    assert groups[0].stats["epsilon"][:2] == pytest.approx((3.0, 2**0.5))  # the last line's, cumulative
+    md = (tmp_path / "results.md").read_text()
+    assert "epsilon" in md.splitlines()[0] and "3.00 ± 1.41" in md
+
+
+def test_report_refuses_a_folder_without_cells(tmp_path: Path) -> None:
+    with pytest.raises(FedgeError, match="not an experiment folder"):
+        build_report(tmp_path)
