@@ -150,6 +150,19 @@ def _fedge_checks(readme: str, assignments: list[str], args: list[str], out: str
         folder = shlex.quote(out)
         script = f"mkdir -p {folder} && cd {folder} && " + shlex.join([*fedge, sub, *rest])
         return [Check(readme, "as written, in a fresh folder", script)]
+    if sub == "secagg-key":  # needs the CA that `fedge certs init` makes: made first, in a fresh folder
+        ca = rest[rest.index("--ca") + 1]
+        written = rest[rest.index("--out") + 1]
+        folder = shlex.quote(out)
+        script = (
+            f"mkdir -p {folder} && cd {folder} && "
+            + shlex.join([*fedge, "certs", "init", ca])
+            + " && "
+            + shlex.join([*fedge, sub, *rest])
+            + " && test -f "
+            + shlex.quote(f"{written}/devices/{rest[0]}.cert")
+        )
+        return [Check(readme, "as written, after certs init, in a fresh folder", script)]
     if sub == "deploy":  # starts long-lived processes (tests/deployment runs them): --help
         return [Check(readme, "--help", shlex.join([*fedge, sub, *rest[:1], "--help"]))]
     if sub in ("scenarios", "prepare"):
