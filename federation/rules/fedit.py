@@ -24,23 +24,19 @@ Parameters: none beyond the run's (`lr` for A and B with AdamW, `lora-rank`, `lo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from federation.rules import exact_mixed_rank
-from federation.rules.base import Adapter, Rule, add_mean_delta
+from federation.rules.base import Adapter
 
 NAME = "fedit"
 
-RULE = Rule(
+# The default rule's sum, streamed and secure-aggregated as it is; only what the device trains
+# (its `adapter`) differs.
+RULE = replace(
+    exact_mixed_rank.RULE,
     name=NAME,
     paper='FedIT (Zhang et al., "Towards Building the Federated GPT: Federated Instruction Tuning", '
     "ICASSP 2024): FedAvg of A and of B separately",
-    is_sum=True,
-    not_sum_reason="",
-    layout=exact_mixed_rank.layout,
-    upload=exact_mixed_rank.contribution,
-    check=exact_mixed_rank.validate_contribution,
-    init=exact_mixed_rank.init,
-    add=exact_mixed_rank.add,
-    finalize=exact_mixed_rank.finalize,
-    update=add_mean_delta,
     adapter=Adapter(train_a=True, lora_fa=False, uniform_rank=True),
 )

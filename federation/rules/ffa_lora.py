@@ -18,22 +18,18 @@ with A frozen a larger scaling alpha / r helps).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from federation.rules import exact_mixed_rank
-from federation.rules.base import Adapter, Rule, add_mean_delta
+from federation.rules.base import Adapter
 
 NAME = "ffa-lora"
 
-RULE = Rule(
+# The default rule's sum, streamed and secure-aggregated as it is; only what the device trains
+# (its `adapter`) differs.
+RULE = replace(
+    exact_mixed_rank.RULE,
     name=NAME,
     paper='FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024)',
-    is_sum=True,
-    not_sum_reason="",
-    layout=exact_mixed_rank.layout,
-    upload=exact_mixed_rank.contribution,
-    check=exact_mixed_rank.validate_contribution,
-    init=exact_mixed_rank.init,
-    add=exact_mixed_rank.add,
-    finalize=exact_mixed_rank.finalize,
-    update=add_mean_delta,
     adapter=Adapter(train_a=False, lora_fa=False, uniform_rank=True),
 )
