@@ -200,6 +200,41 @@ STAGE_EXCHANGE = {  # the server's secure-round stages and the device exchange e
 }
 
 
+# Flower 1.42's SuperNode asks the SuperLink for a message, and when there is none sleeps 3 s
+# (`flwr/supernode/start_client_internal.py`, not configurable) before asking again.
+SUPERNODE_IDLE_POLL_S = 3.0
+
+
+def flower_floor(
+    exchanges: int, nodes: int, process_start_s: float, poll_s: float = SUPERNODE_IDLE_POLL_S
+) -> float:
+    """Seconds a deployed round cannot go below on Flower 1.42, whatever the app does.
+
+    Each exchange waits for the last of `nodes` SuperNodes to wake from its idle sleep (each
+    node's phase is uniform over `poll_s`, and the expected maximum of n uniform draws is
+    poll_s * n / (n + 1)), then for one fresh ClientApp process to start (`process_start_s`: an
+    interpreter importing Flower's ClientApp entry). Transport, the SuperExec's poll and the
+    app's own work come on top.
+    """
+    if exchanges < 0 or nodes < 1 or process_start_s < 0 or poll_s < 0:
+        raise ValueError("exchanges >= 0, nodes >= 1, process_start_s >= 0 and poll_s >= 0")
+    return exchanges * (poll_s * nodes / (nodes + 1) + process_start_s)
+
+
+def clientapp_process_start(repeats: int = 3) -> float:
+    """The fastest of `repeats` fresh interpreters importing Flower's ClientApp entry point
+    (what `flwr-clientapp` imports before any app code runs), in seconds."""
+    import subprocess
+    import sys
+
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import flwr.supernode.cli.flwr_clientapp"], check=True)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def _steady_rounds(out: Path, first: int) -> list[dict]:
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rounds if r["round"] >= first]
@@ -236,6 +271,9 @@ def exchange_breakdown(lines: list[dict], first_round: int) -> dict[str, dict[st
     return out
 
 
+DEPLOY_NODES = 3  # the deploy-check scenario's devices (3 watches)
+
+
 def deploy(seed: int, console: Console, simulate_scenario: Simulate, rounds: int = 3) -> float:
     """Per-round time of one small scenario in a Flower simulation and in a local deployment.
 
@@ -261,7 +299,7 @@ def deploy(seed: int, console: Console, simulate_scenario: Simulate, rounds: int
     sets: dict[str, object] = {"device-clock": False, "federated-eval-every": -1, "secure-aggregation": True}
     with tempfile.TemporaryDirectory(prefix="fedge-bench-deploy-") as tmp_name:
         tmp = Path(tmp_name)
-        pki_dir = create_fleet_pki(tmp / "pki", [device_name_for(p) for p in range(3)])
+        pki_dir = create_fleet_pki(tmp / "pki", [device_name_for(p) for p in range(DEPLOY_NODES)])
         load_before = os.getloadavg()[0]
         sim_out = simulate_scenario(
             scenario, rounds, seed, tmp / "simulation", {**sets, "secagg-pki": str(pki_dir)}, quiet=True
@@ -323,6 +361,15 @@ def deploy(seed: int, console: Console, simulate_scenario: Simulate, rounds: int
     )
     console.print(
         f"simulation: {sim_round:.2f}s per round; deployment (TLS, node auth): {dep_round:.2f}s per round"
+    )
+    start_s = clientapp_process_start()
+    floor = flower_floor(sum(stage in STAGE_EXCHANGE for stage in dep_stages), DEPLOY_NODES, start_s)
+    console.print(
+        f"Flower 1.42's floor for this round (per exchange: the last of {DEPLOY_NODES} SuperNodes' "
+        f"{SUPERNODE_IDLE_POLL_S:.0f} s idle polls, expected {flower_floor(1, DEPLOY_NODES, 0.0):.2f}s, "
+        f"+ a ClientApp process start, {start_s:.2f}s here): {floor:.2f}s, "
+        f"{floor / sim_round:.1f}x the simulation's round; fedge's and the transport's share above it: "
+        f"{dep_round - floor:.2f}s"
     )
     ratio = dep_round / sim_round
     console.print(f"deployment/simulation per-round time ratio: {ratio:.2f}")
