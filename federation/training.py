@@ -12,6 +12,7 @@ turns sums into accuracy, AUC and macro-F1.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,6 +103,33 @@ def _step(optimizers: list[torch.optim.Optimizer], loss: torch.Tensor) -> None:
         opt.step()
 
 
+def train_steps(
+    model: TaskModel,
+    n: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    settings: TrainSettings,
+    seed: int,
+    *,
+    extra_optimizers: Sequence[torch.optim.Optimizer] = (),
+    start: float | None = None,
+) -> TrainResult:
+    """The local training loop every task shares: `settings.steps` steps over batches of indices
+    into `n` examples (`_batches`), each minimising `batch_loss(indices)` with the model's LoRA
+    and head optimizers (`_optimizers`) and any `extra_optimizers` (a TV's private part).
+    `start`: when the device's work began (perf_counter), if before this loop."""
+    start = time.perf_counter() if start is None else start
+    model.train()
+    optimizers = [*_optimizers(model, settings), *extra_optimizers]
+    losses, seen = [], 0
+    for idx in _batches(n, settings, seed):
+        loss = batch_loss(idx)
+        _step(optimizers, loss)
+        losses.append(loss.item())
+        seen += len(idx)
+    model.eval()
+    return TrainResult(float(np.mean(losses)), seen, time.perf_counter() - start)
+
+
 # -- classifiers (sensor, and tasks from outside fedge) ------------------------------------
 
 
@@ -122,23 +150,18 @@ def train_classifier(
     down the logits of classes it has no examples of; under label skew that is what makes the
     averaged head swing with the round's sample of devices.
     """
-    model.train()
-    optimizers = _optimizers(model, settings)
-    start, losses, seen = time.perf_counter(), [], 0
     present = torch.unique(y) if present_classes_only else None
     remap = torch.full((int(y.max()) + 1 if len(y) else 1,), -1, dtype=torch.long)
     if present is not None:
         remap[present] = torch.arange(len(present))
-    for idx in _batches(len(x), settings, seed):
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         logits, target = model(x[idx]), y[idx]
         if present is not None:
             logits, target = logits[:, present], remap[target]
-        loss = nn.functional.cross_entropy(logits, target, label_smoothing=label_smoothing)
-        _step(optimizers, loss)
-        losses.append(loss.item())
-        seen += len(idx)
-    model.eval()
-    return TrainResult(float(np.mean(losses)), seen, time.perf_counter() - start)
+        return nn.functional.cross_entropy(logits, target, label_smoothing=label_smoothing)
+
+    return train_steps(model, len(x), batch_loss, settings, seed)
 
 
 @torch.no_grad()

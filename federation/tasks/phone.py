@@ -9,7 +9,6 @@ text, which a good run must beat.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from federation.model.backbones import TEXT_HIDDEN
 from federation.model.edge import TaskModel, seeded_init
 from federation.model.lora import LoraSettings, wrap_with_lora
 from federation.tasks.base import Sums, Task, TaskInfo
-from federation.training import EVAL_BATCH, TrainResult, TrainSettings, _batches, _optimizers, _step
+from federation.training import EVAL_BATCH, TrainResult, TrainSettings, train_steps
 
 if TYPE_CHECKING:
     from federation.config import RunConfig
@@ -75,16 +74,7 @@ def phone_loss(model: PhoneModel, seqs: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def train_phone(model: PhoneModel, train: torch.Tensor, settings: TrainSettings, seed: int) -> TrainResult:
-    model.train()
-    optimizers = _optimizers(model, settings)
-    start, losses, seen = time.perf_counter(), [], 0
-    for idx in _batches(len(train), settings, seed):
-        loss, _, _ = phone_loss(model, train[idx])
-        _step(optimizers, loss)
-        losses.append(loss.item())
-        seen += len(idx)
-    model.eval()
-    return TrainResult(float(np.mean(losses)), seen, time.perf_counter() - start)
+    return train_steps(model, len(train), lambda idx: phone_loss(model, train[idx])[0], settings, seed)
 
 
 @torch.no_grad()
@@ -102,8 +92,6 @@ def eval_phone(model: PhoneModel, test: torch.Tensor) -> dict[str, float]:
         sums["top3"] += float((top3 == targets[:, None]).any(-1).sum())
         sums["count"] += float(targets.numel())
     return sums
-
-
 
 
 class PhoneTask(Task):

@@ -69,8 +69,6 @@ def eval_sensor(
     return eval_classifier(model, x, y, n_classes)
 
 
-
-
 class SensorTask(Task):
     info = TaskInfo(
         name="sensor",

@@ -36,9 +36,7 @@ from federation.training import (
     EVAL_BATCH,
     TrainResult,
     TrainSettings,
-    _batches,
-    _optimizers,
-    _step,
+    train_steps,
 )
 
 if TYPE_CHECKING:
@@ -128,18 +126,16 @@ def train_tv(
         model, private, _item_embeddings(model, items, tokens, mask), labels, settings.private_lr
     )
     user.requires_grad_(True)
-    model.train()
-    optimizers = [*_optimizers(model, settings), torch.optim.Adam([user], lr=settings.private_lr)]
-    losses, seen = [], 0
-    for idx in _batches(len(items), settings, seed):
-        batch_items = items[idx]
-        emb = model.item_embedding(tokens[batch_items], mask[batch_items])
-        loss = nn.functional.binary_cross_entropy_with_logits(model.score(emb, user), labels[idx])
-        _step(optimizers, loss)
-        losses.append(loss.item())
-        seen += len(idx)
-    model.eval()
-    return TrainResult(float(np.mean(losses)), seen, time.perf_counter() - start), user.detach()
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        emb = model.item_embedding(tokens[items[idx]], mask[items[idx]])
+        return nn.functional.binary_cross_entropy_with_logits(model.score(emb, user), labels[idx])
+
+    result = train_steps(
+        model, len(items), batch_loss, settings, seed,
+        extra_optimizers=[torch.optim.Adam([user], lr=settings.private_lr)], start=start,
+    )  # fmt: skip
+    return result, user.detach()
 
 
 @torch.no_grad()
@@ -189,8 +185,6 @@ def _binary_sums(logits: torch.Tensor, test_labels: torch.Tensor) -> dict[str, f
         "pos_hist": pos.double().tolist(),
         "neg_hist": neg.double().tolist(),
     }
-
-
 
 
 def _user_dim(run: RunConfig | None) -> int:
@@ -261,7 +255,7 @@ class TVTask(Task):
         user = _private(model, client_id, run.seed, private)  # type: ignore[arg-type]
         result, user = train_tv(
             model, user, data.train_items, data.train_labels, tokens, mask, settings, seed  # type: ignore[arg-type]
-        )
+        )  # fmt: skip
         return result, user.numpy()
 
     def evaluate(
