@@ -12,6 +12,12 @@ Per task, the final held-out metric is the server-side one of the last line (the
 fleet's held-out splits; for a personalised task its shared part alone) where the cell has it,
 else the on-device one (local-only: each device's own split, sums added); a personalised task
 (TV) gets a second column, on the devices with each viewer's private part.
+
+Beside the cells, every report carries, on the same held-out data, the pretrained start (round 0
+of a federated run: every method of a seed starts from the same model, LoRA's B being zero) and
+the simple baselines each run computes (`summary.json`: majority class, unigram and bigram
+counts, item popularity, a viewer's mean; a baseline the task computes on the devices fills the
+on-device column), grouped over seeds like the cells (`start_rows`, `baseline_rows`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from federation.errors import FedgeError
 CELL_FILE = "cell.json"
 DONE_FILE = "done.json"
 METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"  # a federated run's summary: its tasks' simple baselines
+START = "pretrained start"
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,56 @@ def cell_row(
     return row
 
 
+def _reference_row(kind: str, method: str, cell: Mapping[str, Any]) -> dict[str, Any]:
+    """A row that is no cell (the start, a baseline): nothing uploaded, no simulated time."""
+    row = {k: cell.get(k) for k in ("scenario", "seed")}
+    return {"kind": kind, "method": method, "setting": "-", **row, "rounds": 0,
+            "upload MB": None, "simulated h": None, "epsilon": None}  # fmt: skip
+
+
+def start_rows(
+    cells: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], cols: Sequence[Column]
+) -> list[dict[str, Any]]:
+    """The pretrained start of each (scenario, seed): round 0 of its first federated run cell
+    (every method of a seed starts from the same model and scores it on the same held-out data)."""
+    seen, out = set(), []
+    for cell, lines in cells:
+        key = (cell.get("scenario"), cell.get("seed"))
+        first = min(lines, key=lambda e: e["round"]) if lines else None
+        if cell.get("kind") != "run" or key in seen or first is None or first["round"] != 0:
+            continue
+        seen.add(key)
+        row = _reference_row("start", START, cell)
+        for col in cols:
+            row[col.name] = value_at(first, col)
+        out.append(row)
+    return out
+
+
+def baseline_rows(
+    summaries: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], cols: Sequence[Column]
+) -> list[dict[str, Any]]:
+    """One row per (simple baseline, scenario, seed) from federated runs' summaries (the first
+    run of each (scenario, seed)): each task's baselines fill its server-side column, or its
+    on-device column for a baseline the task computes on the devices (`device_baselines`)."""
+    seen, rows = set(), {}
+    for cell, summary in summaries:
+        key = (cell.get("scenario"), cell.get("seed"))
+        if cell.get("kind") != "run" or key in seen:
+            continue
+        seen.add(key)
+        tasks = summary.get("tasks", {})
+        for col in cols:
+            task = tasks.get(col.task, {})
+            on_devices = set(task.get("device_baselines", []))
+            for name, metrics in task.get("baselines", {}).items():
+                if (name in on_devices) != col.on_devices or col.metric not in metrics:
+                    continue
+                row = rows.setdefault((name, *key), _reference_row("baseline", f"baseline: {name}", cell))
+                row[col.name] = float(metrics[col.metric])
+    return [{**{c.name: None for c in cols}, **row} for row in rows.values()]
+
+
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
     """(mean, sample std (n - 1; 0 for one value), n) of the values that are not None."""
     xs = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -206,8 +264,8 @@ def write_csv(path: Path, groups: Sequence[Aggregate], cols: Sequence[Column]) -
 # -- reading an experiment folder -------------------------------------------------------------
 
 
-def finished_cells(directory: Path) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """(cell.json, metrics lines) of every finished cell under `directory/cells`, in cell order."""
+def _finished_dirs(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(folder, cell.json) of every finished cell under `directory/cells`, in cell order."""
     cells_dir = directory / "cells"
     if not cells_dir.is_dir():
         raise FedgeError(f"{directory} is not an experiment folder (no cells/): run `fedge experiment` first")
@@ -219,9 +277,29 @@ def finished_cells(directory: Path) -> list[tuple[dict[str, Any], list[dict[str,
             cell = json.loads((cell_dir / CELL_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             raise FedgeError(f"{cell_dir / CELL_FILE} is missing or damaged") from None
-        found.append((cell, read_metrics(cell_dir / METRICS_FILE)))
-    found.sort(key=lambda c: c[0].get("order", 0))
+        found.append((cell_dir, cell))
+    found.sort(key=lambda c: c[1].get("order", 0))
     return found
+
+
+def finished_cells(directory: Path) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """(cell.json, metrics lines) of every finished cell under `directory/cells`, in cell order."""
+    return [(cell, read_metrics(cell_dir / METRICS_FILE)) for cell_dir, cell in _finished_dirs(directory)]
+
+
+def run_summaries(directory: Path) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(cell.json, summary.json) of every finished federated run cell that left a summary; a
+    damaged summary is refused naming its file."""
+    out = []
+    for cell_dir, cell in _finished_dirs(directory):
+        path = cell_dir / SUMMARY_FILE
+        if cell.get("kind") != "run" or not path.is_file():
+            continue
+        try:
+            out.append((cell, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError):
+            raise FedgeError(f"{path} is damaged: rerun its cell (delete {cell_dir / DONE_FILE})") from None
+    return out
 
 
 def task_table(cells: Sequence[tuple[Mapping[str, Any], Any]]) -> dict[str, dict[str, Any]]:
@@ -234,14 +312,16 @@ def task_table(cells: Sequence[tuple[Mapping[str, Any], Any]]) -> dict[str, dict
 
 
 def build_report(directory: Path) -> tuple[list[dict[str, Any]], list[Aggregate], list[Column]]:
-    """Every finished cell's row, the groups over seeds and the columns, and writes
-    results.csv, cells.csv, results.md and plots/ into `directory`."""
+    """Every finished cell's row, the groups over seeds (the cells', then the pretrained start's
+    and the simple baselines') and the columns, and writes results.csv, cells.csv (the cells
+    only), results.md and plots/ into `directory`."""
     cells = finished_cells(directory)
     if not cells:
         raise FedgeError(f"{directory}: no finished cell to report")
     cols = columns(task_table(cells))
     rows = [cell_row(cell, lines, cols) for cell, lines in cells]
-    groups = aggregate(rows, cols)
+    references = start_rows(cells, cols) + baseline_rows(run_summaries(directory), cols)
+    groups = aggregate(rows + references, cols)
     write_csv(directory / "results.csv", groups, cols)
     with (directory / "cells.csv").open("w", newline="", encoding="utf-8") as f:
         out = csv.DictWriter(f, fieldnames=list(rows[0]))

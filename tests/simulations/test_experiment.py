@@ -217,7 +217,7 @@ def test_report_table_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
 
     _, groups, cols = build_report(tmp_path)
     assert [c.name for c in cols] == ["phone top1", "tv auc", "tv auc (on devices)"]
-    assert [g.key["method"] for g in groups] == ["rule-a", "local-only"]
+    assert [g.key["method"] for g in groups] == ["rule-a", "local-only", "pretrained start"]
     a = groups[0]
     mean, std, n = a.stats["phone top1"]  # server-side at the last line, not the on-device 0.9
     assert n == 3 and mean == pytest.approx(0.2) and std == pytest.approx(0.1)  # sample std (n - 1)
@@ -235,6 +235,55 @@ def test_report_table_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
     csv_text = (tmp_path / "results.csv").read_text()
     assert "phone top1 mean" in csv_text and "0.2," in csv_text
     assert (tmp_path / "plots" / "curves-s.png").is_file() and (tmp_path / "plots" / "upload-s.png").is_file()
+
+
+def test_report_carries_the_pretrained_start_and_the_runs_simple_baselines(tmp_path: Path) -> None:
+    _cell(tmp_path, "a0", "rule-a", 0, _run_lines(0.10, 0.55, 0.70, 1_000_000, None))
+    _cell(tmp_path, "b0", "rule-b", 0, _run_lines(0.20, 0.56, 0.71, 1_000_000, None))
+    _cell(tmp_path, "a1", "rule-a", 1, _run_lines(0.30, 0.60, 0.65, 2_000_000, None))
+    later = _run_lines(0.4, 0.6, 0.6, 1, None)[1:]  # a run whose round 0 is not in its file
+    _cell(tmp_path, "c2", "rule-c", 2, later)
+    for name, seed, bigram in (("a0", 0, 0.15), ("b0", 0, 0.99), ("a1", 1, 0.17), ("c2", 2, 0.5)):
+        summary = {
+            "seed": seed,
+            "tasks": {
+                "phone": {"device_baselines": [], "baselines": {"bigram": {"top1": bigram, "top3": 0.3}}},
+                "tv": {
+                    "device_baselines": ["user-mean"],
+                    "baselines": {"item-bias": {"auc": 0.54}, "user-mean": {"auc": 0.61 + seed / 100}},
+                },
+            },
+        }
+        (tmp_path / "cells" / name / "summary.json").write_text(json.dumps(summary))
+
+    _, groups, _ = build_report(tmp_path)
+    by_method = {g.key["method"]: g for g in groups}
+    start = by_method["pretrained start"]  # round 0 of seeds 0 and 1; rule-c's file has no round 0
+    assert start.key["kind"] == "start" and start.seeds == [0, 1]
+    assert start.stats["phone top1"][:3] == pytest.approx((0.0, 0.0, 2))
+    assert start.stats["tv auc"][0] == pytest.approx(0.5)
+    assert start.stats["tv auc (on devices)"][0] == pytest.approx(0.6)
+    bigram = by_method["baseline: bigram"]  # the first run of each seed: b0's 0.99 is not counted twice
+    assert bigram.seeds == [0, 1, 2]
+    assert bigram.stats["phone top1"][0] == pytest.approx((0.15 + 0.17 + 0.5) / 3)
+    assert bigram.stats["tv auc"][0] is None
+    user_mean = by_method["baseline: user-mean"]  # computed on the devices: the on-device column
+    assert user_mean.stats["tv auc"][0] is None
+    assert user_mean.stats["tv auc (on devices)"][0] == pytest.approx(0.62)
+    assert by_method["baseline: item-bias"].stats["tv auc"][0] == pytest.approx(0.54)
+    assert by_method["baseline: item-bias"].stats["tv auc (on devices)"][0] is None
+    md = (tmp_path / "results.md").read_text()
+    assert "| pretrained start | start | s | - | 2 | 0.000 ± 0.000 | 0.500 ± 0.000 | 0.600 ± 0.000 |" in md
+    assert "| baseline: user-mean | baseline | s | - | 3 | - | - | 0.620 ± 0.010 | - | - |" in md
+    cells_csv = (tmp_path / "cells.csv").read_text()
+    assert "baseline" not in cells_csv and "pretrained" not in cells_csv  # cells.csv: the cells only
+
+
+def test_report_refuses_a_damaged_summary(tmp_path: Path) -> None:
+    _cell(tmp_path, "a0", "rule-a", 0, _run_lines(0.10, 0.55, 0.70, 1, None))
+    (tmp_path / "cells" / "a0" / "summary.json").write_text("{not json")
+    with pytest.raises(FedgeError, match=r"a0/summary.json is damaged"):
+        build_report(tmp_path)
 
 
 def test_report_shows_epsilon_when_runs_carry_it(tmp_path: Path) -> None:
