@@ -344,7 +344,8 @@ def plot(
     cols: Sequence[Column],
 ) -> list[Path]:
     """Per scenario: `curves-<scenario>.png` (each column's metric per round, one line per
-    method, mean over seeds; references as dashed horizontal lines; a subplot per task, titled
+    method, mean over seeds; references as dashed horizontal lines, the simple baselines as
+    dotted ones; a subplot per task, titled
     with the device classes that run it) and `upload-<scenario>.png` (final metric vs upload MB,
     mean over seeds)."""
     import matplotlib
@@ -379,6 +380,10 @@ def plot(
                     continue
                 rounds = sorted(points)
                 ax.plot(rounds, [sum(points[r]) / len(points[r]) for r in rounds], "o-", ms=3, label=label)
+            for g in groups:  # the simple baselines of this column, as dotted levels
+                level = g.stats[col.name][0]
+                if g.key["kind"] == "baseline" and g.key["scenario"] == scenario and level is not None:
+                    ax.axhline(level, linestyle=":", linewidth=1, color="grey", label=str(g.key["method"]))
             where = "on devices" if col.on_devices else "server-side"
             ax.set_title(
                 f"{col.task} ({', '.join(classes.get(col.task, [])) or col.task}): {where}", fontsize=9
