@@ -337,6 +337,16 @@ def _label(cell: Mapping[str, Any]) -> str:
     return str(cell.get("method")) + (f" [{setting}]" if setting and setting != "default" else "")
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure to `path` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(
     directory: Path,
     cells: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]],
@@ -392,11 +402,7 @@ def plot(
             ax.set_ylabel(f"held-out {col.metric}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = directory / f"curves-{scenario}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, directory / f"curves-{scenario}.png"))
 
         fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
         for ax, col in zip(axes[0], cols, strict=True):
@@ -412,9 +418,5 @@ def plot(
             ax.set_ylabel(f"final held-out {col.metric}")
             ax.set_title(f"{col.name}", fontsize=9)
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = directory / f"upload-{scenario}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, directory / f"upload-{scenario}.png"))
     return written
