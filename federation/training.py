@@ -36,12 +36,16 @@ class TrainSettings:
     lr: float = field(default_factory=lambda: run_default("lr"))
     head_lr: float = field(default_factory=lambda: run_default("head-lr"))
     private_lr: float = field(default_factory=lambda: run_default("private-lr"))
+    # classifiers under label skew (the sensor): FedRS's alpha, see `train_classifier`
+    absent_class_scale: float = field(default_factory=lambda: run_default("absent-class-scale"))
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"local steps and batch size must be >= 1, got {self.steps}, {self.batch_size}")
         if min(self.lr, self.head_lr, self.private_lr) <= 0:
             raise ValueError("learning rates must be > 0")
+        if not 0.0 <= self.absent_class_scale <= 1.0:
+            raise ValueError(f"absent-class-scale must be in [0, 1], got {self.absent_class_scale}")
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,14 @@ def train_steps(
 # -- classifiers (sensor, and tasks from outside fedge) ------------------------------------
 
 
+def restricted_logits(logits: torch.Tensor, present: torch.Tensor, absent_scale: float) -> torch.Tensor:
+    """FedRS's restricted logits: the columns of `logits` [N, C] whose class is not in `present`
+    multiplied by `absent_scale` (alpha), the present ones unchanged."""
+    scale = torch.full((logits.shape[-1],), absent_scale, dtype=logits.dtype)
+    scale[present] = 1.0
+    return logits * scale
+
+
 def train_classifier(
     model: TaskModel,
     x: torch.Tensor,
@@ -140,26 +152,28 @@ def train_classifier(
     settings: TrainSettings,
     seed: int,
     label_smoothing: float = 0.0,
-    present_classes_only: bool = False,
+    absent_class_scale: float = 1.0,
 ) -> TrainResult:
     """Local training of a classifier (`model(x)` gives logits) on (x, y): LoRA B + head, cross-entropy.
 
-    `present_classes_only`: the softmax runs over the classes present in the device's own
-    training labels only (restricted softmax, FedRS: Li & Zhan, "FedRS: Federated Learning with
-    Restricted Softmax for Label Distribution Non-IID Data", KDD 2021), so a device never pushes
-    down the logits of classes it has no examples of; under label skew that is what makes the
-    averaged head swing with the round's sample of devices.
+    `absent_class_scale` (alpha): the logits of the classes absent from the device's own training
+    labels are multiplied by alpha before the softmax (restricted softmax, FedRS: Li & Zhan,
+    "FedRS: Federated Learning with Restricted Softmax for Label Distribution Non-IID Data", KDD
+    2021; the paper's default alpha is 0.5). 1 is the full softmax. Under label skew a device's
+    full softmax pushes down the head rows of every class it never sees, which makes the averaged
+    head swing with the round's sample of devices; alpha < 1 damps that push (its gradient on an
+    absent row is scaled by alpha) without removing the absent classes from the softmax, so the
+    present classes are still told apart from them.
     """
-    present = torch.unique(y) if present_classes_only else None
-    remap = torch.full((int(y.max()) + 1 if len(y) else 1,), -1, dtype=torch.long)
-    if present is not None:
-        remap[present] = torch.arange(len(present))
+    if not 0.0 <= absent_class_scale <= 1.0:
+        raise ValueError(f"absent_class_scale must be in [0, 1], got {absent_class_scale}")
+    present = torch.unique(y)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        logits, target = model(x[idx]), y[idx]
-        if present is not None:
-            logits, target = logits[:, present], remap[target]
-        return nn.functional.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        logits = model(x[idx])
+        if absent_class_scale < 1.0:
+            logits = restricted_logits(logits, present, absent_class_scale)
+        return nn.functional.cross_entropy(logits, y[idx], label_smoothing=label_smoothing)
 
     return train_steps(model, len(x), batch_loss, settings, seed)
 
