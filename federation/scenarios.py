@@ -172,6 +172,25 @@ class Scenario:
         raise AssertionError("unreachable")
 
 
+# The smart-home fleet: 40 devices of mixed tiers (so mixed LoRA ranks), shared by the default
+# scenario and its every-device variant.
+SMART_HOME_FLEET: dict[str, int] = {
+    "phone/low": 5,
+    "phone/mid": 5,
+    "phone/high": 4,
+    "tv/mid": 6,
+    "tv/high": 4,
+    "sensor/low": 8,
+    "sensor/high": 8,
+}
+# A TV trains 3 steps a round, not 10: every step of the shared item side made the on-device
+# (personalised) AUC fall, the item side turning toward the round's few viewers (in-process
+# FedAvg of the fleet's TVs, seed 0: at 10 steps 0.665 -> 0.650 by round 4 and its cold-start
+# AUC peaked at round 2; at 3 steps 0.669 / 0.663 / 0.655 at rounds 4 / 8 / 12 and cold start
+# 0.566 / 0.566 / 0.568).
+SMART_HOME_LOCAL_STEPS: dict[str, int] = {"phone": 10, "tv": 3, "sensor": 30}
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -187,23 +206,10 @@ SCENARIOS: dict[str, Scenario] = {
             # averages, the more the model swings with which ones they were (in-process FedAvg,
             # seed 0, FedRS alpha 0.5, rounds 31-40: 4 a round 0.69-0.80, 8 a round 0.73-0.83,
             # all 16 0.77-0.79); at night ~4 of 16 are eligible a round.
-            fleet={
-                "phone/low": 5,
-                "phone/mid": 5,
-                "phone/high": 4,
-                "tv/mid": 6,
-                "tv/high": 4,
-                "sensor/low": 8,
-                "sensor/high": 8,
-            },
+            fleet=dict(SMART_HOME_FLEET),
             per_round={"phone": 4, "tv": 4, "sensor": 8},
             rounds=12,
-            # A TV trains 3 steps a round, not 10: every step of the shared item side made the
-            # on-device (personalised) AUC fall, the item side turning toward the round's few
-            # viewers (in-process FedAvg of the fleet's TVs, seed 0: at 10 steps 0.665 -> 0.650
-            # by round 4 and its cold-start AUC peaked at round 2; at 3 steps 0.669 / 0.663 /
-            # 0.655 at rounds 4 / 8 / 12 and cold start 0.566 / 0.566 / 0.568).
-            local_steps={"phone": 10, "tv": 3, "sensor": 30},
+            local_steps=dict(SMART_HOME_LOCAL_STEPS),
         ),
         Scenario(
             name="smart-home-every-watch",
@@ -216,18 +222,10 @@ SCENARIOS: dict[str, Scenario] = {
             # with which watches they were (in-process FedAvg, seed 0, FedRS alpha 0.5: 4 a
             # round swing by up to 0.1 between rounds over 40 rounds; all 16 rise steadily,
             # 0.75 by round 20). 24 rounds: at round 12 the sensor is still ~0.04 below its end.
-            fleet={
-                "phone/low": 5,
-                "phone/mid": 5,
-                "phone/high": 4,
-                "tv/mid": 6,
-                "tv/high": 4,
-                "sensor/low": 8,
-                "sensor/high": 8,
-            },
+            fleet=dict(SMART_HOME_FLEET),
             per_round={"phone": 4, "tv": 4, "sensor": 16},
             rounds=24,
-            local_steps={"phone": 10, "tv": 3, "sensor": 30},
+            local_steps=dict(SMART_HOME_LOCAL_STEPS),
             device_clock=False,
         ),
         Scenario(
