@@ -59,7 +59,7 @@ def train_sensor(
     # recordings; with 0.1 the smart-home held-out loss after 12 rounds went 1.40 -> 1.04 and
     # accuracy 0.59 -> 0.62 (one seed, in-process FedAvg of the fleet).
     # Each watch holds 3-5 of the 7 exercises: FedRS's restricted softmax (settings'
-    # absent_class_scale) keeps a watch from pushing down the exercises it never recorded.
+    # absent_class_scale) lets the exercises a watch never recorded take less probability.
     return train_classifier(
         model, x, y, settings, seed, label_smoothing=SENSOR_LABEL_SMOOTHING,
         absent_class_scale=settings.absent_class_scale,
