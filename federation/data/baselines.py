@@ -111,6 +111,9 @@ def tv_baselines(clients: list[TVClientData]) -> dict[str, dict[str, float]]:
       rated in train get b_i = 0; the like threshold is again the train-accuracy maximiser.
     The per-viewer parts (user means, b_u) are exactly what docs/architecture.md says a TV must keep
     on-device: these baselines are what a private per-viewer model has to beat.
+    Each also reports `viewer_auc`, the held-out-count-weighted mean of each viewer's own AUC (the
+    TV model's on-device metric of that name): a per-viewer constant (majority, user-mean) scores
+    0.5 there, and user-item-bias ranks a viewer's titles by its item biases alone.
     """
     users_tr, items_tr, r_tr = _tv_rows(clients, test=False)
     users_te, items_te, r_te = _tv_rows(clients, test=True)
@@ -124,16 +127,17 @@ def tv_baselines(clients: list[TVClientData]) -> dict[str, dict[str, float]]:
 
     majority = bool(y_tr.mean() >= 0.5)
     out = {"majority": {"accuracy": _mean(y_te == majority), "auc": auc(np.zeros(y_te.size), y_te)}}
+    out["majority"]["viewer_auc"] = viewer_auc(np.zeros(y_te.size), y_te, users_te)
 
     counts_u = np.bincount(users_tr, minlength=n_users)
     sums_u = np.bincount(users_tr, weights=r_tr, minlength=n_users)
     user_mean = np.where(counts_u > 0, sums_u / np.maximum(counts_u, 1), mu)
-    out["user-mean"] = _scored(user_mean[users_tr], y_tr, user_mean[users_te], y_te)
+    out["user-mean"] = _scored(user_mean[users_tr], y_tr, user_mean[users_te], y_te, users_te)
 
     counts_i = np.bincount(items_tr, minlength=n_items)
     # The cold-start baseline for the shared part alone (no viewer information): item popularity.
     item_only = np.bincount(items_tr, weights=r_tr - mu, minlength=n_items) / (counts_i + ITEM_BIAS_L2)
-    out["item-bias"] = _scored(mu + item_only[items_tr], y_tr, mu + item_only[items_te], y_te)
+    out["item-bias"] = _scored(mu + item_only[items_tr], y_tr, mu + item_only[items_te], y_te, users_te)
 
     b_u = np.zeros(n_users)
     b_i = np.zeros(n_items)
@@ -145,7 +149,7 @@ def tv_baselines(clients: list[TVClientData]) -> dict[str, dict[str, float]]:
             counts_u + USER_BIAS_L2
         )
     out["user-item-bias"] = _scored(
-        mu + b_u[users_tr] + b_i[items_tr], y_tr, mu + b_u[users_te] + b_i[items_te], y_te
+        mu + b_u[users_tr] + b_i[items_tr], y_tr, mu + b_u[users_te] + b_i[items_te], y_te, users_te
     )
     return out
 
@@ -258,7 +262,35 @@ def _best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def _scored(
-    train_scores: np.ndarray, train_y: np.ndarray, test_scores: np.ndarray, test_y: np.ndarray
+    train_scores: np.ndarray,
+    train_y: np.ndarray,
+    test_scores: np.ndarray,
+    test_y: np.ndarray,
+    test_users: np.ndarray,
 ) -> dict[str, float]:
     threshold = _best_threshold(train_scores, train_y)
-    return {"accuracy": _mean((test_scores >= threshold) == test_y), "auc": auc(test_scores, test_y)}
+    return {
+        "accuracy": _mean((test_scores >= threshold) == test_y),
+        "auc": auc(test_scores, test_y),
+        "viewer_auc": viewer_auc(test_scores, test_y, test_users),
+    }
+
+
+def viewer_auc(scores: ArrayLike, labels: ArrayLike, users: ArrayLike) -> float:
+    """Each user's own AUC, averaged over users weighted by their number of rows ("group AUC",
+    Zhou et al., KDD 2018), over the users whose rows hold both labels; NaN if none do. It asks
+    only whether a user's positives rank above that user's negatives: a score that is constant
+    per user gives exactly 0.5, however well it separates users."""
+    s = _np(scores).astype(np.float64).ravel()
+    y = _np(labels).ravel() > 0.5
+    u = _np(users).ravel()
+    if not s.shape == y.shape == u.shape:
+        raise ValueError(f"viewer_auc: {s.size} scores, {y.size} labels, {u.size} users")
+    total = weight = 0.0
+    for user in np.unique(u):
+        rows = u == user
+        within = auc(s[rows], y[rows])
+        if within == within:  # not NaN: both labels present
+            total += within * rows.sum()
+            weight += rows.sum()
+    return total / weight if weight else float("nan")

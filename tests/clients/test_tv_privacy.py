@@ -53,8 +53,18 @@ EXPECTED_REPLY: dict[str, dict[str, set[str] | None]] = {
         "arrays": None,
         "metrics": {"train_loss", "num-examples", "train_seconds", "server-round", "upload-bytes"},
     },
-    MessageType.EVALUATE: {
-        "metrics": {"loss_sum", "count", "correct", "pos_hist", "neg_hist", "num-examples", "server-round"}
+    MessageType.EVALUATE: {  # held-out sums in plaintext: counts, score histograms, own AUC x count
+        "metrics": {
+            "loss_sum",
+            "count",
+            "correct",
+            "pos_hist",
+            "neg_hist",
+            "viewer_auc_sum",
+            "viewer_count",
+            "num-examples",
+            "server-round",
+        }
     },
     KEYS: {"keys": {"c-pk", "s-pk"}, "metrics": {"server-round", "train_loss", "train_seconds"}},
     MASK: {"shares": {"to", "sealed"}, "masked": {"y"}, "metrics": {"server-round"}},
