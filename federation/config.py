@@ -186,6 +186,7 @@ class RunConfig:
                 lr=_get(cfg, "lr", float, "positive"),
                 head_lr=_get(cfg, "head-lr", float, "positive"),
                 private_lr=_get(cfg, "private-lr", float, "positive"),
+                private_l2=_get(cfg, "private-l2", float, "positive"),
                 absent_class_scale=_get(cfg, "absent-class-scale", float, "nonneg"),
             )
         except ValueError as exc:

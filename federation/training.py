@@ -36,6 +36,8 @@ class TrainSettings:
     lr: float = field(default_factory=lambda: run_default("lr"))
     head_lr: float = field(default_factory=lambda: run_default("head-lr"))
     private_lr: float = field(default_factory=lambda: run_default("private-lr"))
+    # a personalised task's private fit: sum of log-losses + this x |private vector|^2 (TV)
+    private_l2: float = field(default_factory=lambda: run_default("private-l2"))
     # classifiers under label skew (the sensor): FedRS's alpha, see `train_classifier`
     absent_class_scale: float = field(default_factory=lambda: run_default("absent-class-scale"))
 
@@ -44,6 +46,8 @@ class TrainSettings:
             raise ValueError(f"local steps and batch size must be >= 1, got {self.steps}, {self.batch_size}")
         if min(self.lr, self.head_lr, self.private_lr) <= 0:
             raise ValueError("learning rates must be > 0")
+        if not self.private_l2 > 0:  # 0 leaves a viewer whose ratings separate with no finite fit
+            raise ValueError(f"private-l2 must be > 0, got {self.private_l2}")
         if not 0.0 <= self.absent_class_scale <= 1.0:
             raise ValueError(f"absent-class-scale must be in [0, 1], got {self.absent_class_scale}")
 
