@@ -98,10 +98,11 @@ def personalize_tv(
     is solved locally against the global item factors: here the MAP estimate of a logistic
     model, sum of log-losses over the viewer's ratings + `l2` |vector|^2 + TV_BIAS_L2 bias^2,
     solved to convergence by L-BFGS. The problem is convex in the d+1 numbers, so the fit is
-    the same from any start (`private` only warm-starts it), and the prior counts the same
-    against 16 ratings as against 700: a viewer with few ratings stays near the population
-    (the shared side alone), one with many follows their own. A fixed number of Adam steps
-    (the previous fit) stops wherever it is, which reads the item side's scale, not the viewer.
+    the same from any start (`private` only warm-starts it). The prior is one fixed term
+    against a *sum* over the ratings, so it weighs more against 16 ratings than against 700: a
+    viewer with few ratings stays near the population (the shared side alone), one with many
+    follows their own. (A fixed number of Adam steps on the mean log-loss, the previous fit,
+    stopped wherever it was and weighed its prior the same for every viewer.)
     """
     items = item_emb.detach()
     user = private.clone().requires_grad_(True)
