@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from federation.data.baselines import auc
 from federation.data.common import stable_seed
 from federation.defaults import run_default
 from federation.metrics import auc_from_histograms
@@ -185,8 +186,6 @@ def eval_tv(
 def _viewer_auc_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """This viewer's own held-out AUC (exact, by ranks) times their held-out ratings, and that
     weight; both 0 when the split holds one label only (the AUC is undefined there)."""
-    from federation.data.baselines import auc
-
     within = auc(logits.numpy(), labels.numpy())
     if within != within:  # NaN: one class only
         return {"viewer_auc_sum": 0.0, "viewer_count": 0.0}
