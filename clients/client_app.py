@@ -54,10 +54,14 @@ def train(msg: Message, context: Context) -> Message:
     """A plain round (secure-aggregation = false): the server sees this device's update."""
     import numpy as np
 
+    from federation.rules.base import device_upload
+
     run, _, result, server_round = train_locally(msg, context)
     # The upload is what the run's aggregation rule asks of a device (the default: its
     # contribution to the round's sum, weighted delta + weights).
-    upload = run.rule.upload(result.delta, result.metrics["num-examples"], result.rank)
+    upload = device_upload(
+        run.rule, result.delta, result.metrics["num-examples"], result.rank, result.classes
+    )
     arrays = ArrayRecord({k: _array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in upload.items()})
     metrics = dict(result.metrics)
     metrics["server-round"] = server_round

@@ -180,7 +180,9 @@ def secagg_keys(msg: Message, context: Context) -> Message:
     shapes = {k: tuple(v.shape) for k, v in result.delta.items()}
     weight = int(result.metrics["num-examples"])
     with phase("crypto"):
-        encoded = encode_update(run.rule, result.delta, weight, shapes, params, rank=result.rank)
+        encoded = encode_update(
+            run.rule, result.delta, weight, shapes, params, rank=result.rank, classes=result.classes
+        )
     _save_session(context, session)
     context.state[ENCODED] = ArrayRecord({"x": Array(encoded)})
     keys = ConfigRecord({"c-pk": c_public, "s-pk": s_public})

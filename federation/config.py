@@ -118,11 +118,15 @@ class RunConfig:
     dp_noise_multiplier: float = 0.0  # the sum's noise std / dp_clip
     dp_clip: float = 0.1  # L2 clip of each device's update, on the device
     dp_delta: float = 1e-5  # the accountant's delta
+    # a task head's class rows are averaged over the devices holding each class (rules built on
+    # exact-mixed-rank's sums; federation.rules.exact_mixed_rank); False: every device weighs every row
+    class_wise_heads: bool = True
 
     @property
     def dp(self) -> bool:
         """Whether devices clip, rotate and noise their updates (distributed DP)."""
         return self.dp_mechanism != "none"
+
     # -- research methods (docs/methods.md): the server optimizer over the rule's update
     server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
 
@@ -165,9 +169,7 @@ class RunConfig:
         scenario.tasks  # noqa: B018 -- resolves every task the fleet runs: an unknown one fails here
         rounds = _get(cfg, "num-rounds", int, "nonneg") or scenario.rounds
         steps = _get(cfg, "local-steps", int, "nonneg")
-        targets = tuple(
-            t.strip() for t in _get(cfg, "lora-targets", str).split(",") if t.strip()
-        )
+        targets = tuple(t.strip() for t in _get(cfg, "lora-targets", str).split(",") if t.strip())
         known_targets = {"query", "key", "value", "dense"}
         if not targets or not set(targets) <= known_targets:  # checked first: the message names the key
             raise FedgeError(
@@ -250,6 +252,7 @@ class RunConfig:
             device_clock=_get(cfg, "device-clock", bool) and scenario.device_clock,
             bench_alternate=_get(cfg, "bench-alternate", bool),
             uniform_rank=_get(cfg, "uniform-rank", int, "nonneg"),
+            class_wise_heads=_get(cfg, "class-wise-heads", bool),
             **_privacy_settings(cfg, source, rule, secure, _get(cfg, "bench-alternate", bool)),
             server_optimizer=server_optimizer,
         )

@@ -42,6 +42,9 @@ class LocalResult:
     private: np.ndarray | None  # the device's private part after training (TV), kept on device
     rank: int  # the columns of each B the device trained
     kept: dict[str, np.ndarray] = field(default_factory=dict)  # the rule's device-kept state, kept on device
+    # the task classes the device holds (bool, one per class row of its head), for a rule that
+    # averages class rows over the devices holding each class; None: weigh every class row
+    classes: np.ndarray | None = None
 
 
 def task_model(run: RunConfig, task: str, rank: int | None = None) -> TaskModel:
@@ -128,7 +131,17 @@ def local_train(
         "num-examples": float(result.num_examples),
         "train_seconds": result.train_seconds,
     }
-    return LocalResult(delta, metrics, new_private, rank, new_kept)
+    return LocalResult(delta, metrics, new_private, rank, new_kept, held_classes(run, device.task, data))
+
+
+def held_classes(run: RunConfig, task: str, data: Any) -> np.ndarray | None:
+    """The classes the device reports holding with its upload: its task's `classes_held`, unless
+    the run's rule does not weigh class rows, the run asks for plain head averaging
+    (`class-wise-heads = false`) or it runs distributed DP (weights are exact there, outside the
+    noise: per-class weights would publish how many devices hold each class)."""
+    if not (run.class_wise_heads and run.rule.class_rows) or run.dp:
+        return None
+    return get_task(task).classes_held(data)
 
 
 def local_evaluate(

@@ -29,7 +29,10 @@ Global state keys of one task (docs/methods.md, "Global state"):
   layer's weight is W0 + s (R + B A) with s = alpha / r_max: R is in the adapter's own units,
   so the LoRA scaling is applied once, where the weight is formed (server evaluation and
   devices alike), never by a rule;
-- `head.<name>`: the task head.
+- `head.<name>`: the task head. A head module named `classes` (`head.classes.weight` [n_classes,
+  features], `head.classes.bias` [n_classes]) holds one output row per class of the task; a rule
+  may weigh those rows class by class (`is_class_row_key`; exact-mixed-rank averages each class's
+  rows over the devices that hold the class).
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ class Slot:
     """One uploaded key.
 
     A *weights* slot (`weights=True`) holds the device's weight (a positive integer number of
-    examples) on a prefix of its entries, at least the first, and 0 on the rest.
+    examples) on a prefix of its entries, at least the first, and 0 on the rest; a *class*
+    weights slot (`classes=True`, behind a head's class rows) holds it on the classes the device
+    holds, in any pattern (at least one entry), and 0 on the rest.
     A *value* slot holds the device's weight times its delta for the same key; `weighted_by` names
     the weights slot behind it and `axis` the value's axis those weights run along (None: the
     weights slot has one entry, behind the whole key).
@@ -61,6 +66,7 @@ class Slot:
     weights: bool = False
     weighted_by: str = ""
     axis: int | None = None
+    classes: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,9 @@ class Rule:
     is_sum: bool  # the aggregate needs only the sum of the uploads
     not_sum_reason: str  # for a rule that is not a sum: why secure aggregation cannot carry it
     layout: Callable[[Shapes], dict[str, Slot]]
-    upload: Callable[[Arrays, float, int | None], dict[str, np.ndarray]]  # (delta, weight, rank)
+    # (delta, weight, rank[, classes]); a rule with `class_rows` also takes `classes`: the task
+    # classes the device holds (bool, one per class row of the head), or None (weigh every row)
+    upload: Callable[..., dict[str, np.ndarray]]
     check: Callable[[Arrays, Shapes, float], str | None]  # (upload, shapes, max weight) -> why not
     init: Callable[[], Any]
     add: Callable[[Any, Arrays], Any]
@@ -107,10 +115,22 @@ class Rule:
     # rank (HetLoRA's self-pruning), and what it keeps after training (kept, trained state, rank).
     device_rank: Callable[[Arrays, int], int] | None = None
     device_keep: Callable[[Arrays, Arrays, int], dict[str, np.ndarray]] | None = None
+    # The rule weighs a head's class rows by the classes each device holds (`upload`'s 4th argument)
+    class_rows: bool = False
 
     def __post_init__(self) -> None:
         if not self.is_sum and not self.not_sum_reason:
             raise ValueError(f"rule {self.name!r} is not a sum and must say why (not_sum_reason)")
+
+
+def device_upload(
+    rule: Rule, delta: Arrays, weight: float, rank: int | None, classes: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """`rule.upload` as a device calls it: the classes it holds go only to a rule with `class_rows`
+    (a rule written without them keeps its three-argument `upload`)."""
+    if rule.class_rows:
+        return rule.upload(delta, weight, rank, classes)
+    return rule.upload(delta, weight, rank)
 
 
 def add_mean_delta(global_state: Arrays, aggregate: Arrays, server_lr: float = 1.0) -> dict[str, np.ndarray]:
@@ -131,6 +151,12 @@ def upload_size(layout: Mapping[str, Slot]) -> int:
 # -- LoRA state keys and products (numpy; shared by the rules that pair A with B) -------------
 
 A_PART, B_PART, RESIDUAL = ".lora_A.", ".lora_B.", ".lora_residual"
+CLASS_ROWS = "head.classes."
+
+
+def is_class_row_key(key: str) -> bool:
+    """A head parameter whose rows (axis 0) are the task's classes (`head.classes.weight`, `.bias`)."""
+    return key.startswith(CLASS_ROWS)
 
 
 def is_b_key(key: str) -> bool:
@@ -169,4 +195,3 @@ def lora_product(b: np.ndarray, a: np.ndarray) -> np.ndarray:
     if b.ndim not in (2, 3) or (b.ndim == 3 and b.shape[2] != 1) or b.shape[1] != a.shape[0]:
         raise ValueError(f"cannot multiply LoRA B {b.shape} by A {a.shape}")
     return np.einsum("or,r...->o...", b.reshape(b.shape[0], b.shape[1]), a)
-

@@ -7,16 +7,28 @@ frozen A (docs/architecture.md, "LoRA aggregation"). A device uploads a *contrib
 - for every shared key, its delta (new - global) times its weight p_k (examples trained on);
 - for every key, the weights behind it (`KEY#weight`): for a LoRA B, one weight per column —
   p_k on the r_k columns the device trained, 0 on the rest (its B delta is zero-padded to
-  r_max); for any other key (heads) a single p_k.
+  r_max); for a head's class rows (`head.classes.*`, `federation.rules.base.is_class_row_key`)
+  one weight per class — p_k on the classes the device holds, 0 on the rest (and those rows'
+  deltas are not uploaded); for any other key (heads) a single p_k.
 
 The server only *adds* contributions (in plaintext, or under secure aggregation, which reveals
 nothing but the sum), then `finalize` divides: each B column becomes the weighted mean over the
-devices that trained it, each head the weighted mean over the devices of its task, and what
-nobody trained keeps its value. With A frozen and shared, sum_k p_k B_k A = (sum_k p_k B_k) A,
+devices that trained it, each class's head row the weighted mean over the devices that hold the
+class, every other head key the weighted mean over the devices of its task, and what nobody
+trained keeps its value. With A frozen and shared, sum_k p_k B_k A = (sum_k p_k B_k) A,
 so for devices of one rank the new adapter is exactly the weighted mean of their updates
 B_k A; for mixed ranks each block of columns is the weighted mean over the devices that
 trained it (small devices do not dilute what large ones learned). The frozen shared A follows
 FFA-LoRA (Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024).
+
+Class-wise head averaging: under label skew (a watch records 3-5 of 7 exercises) a device's
+softmax pushes down the rows of the classes it never sees, so a plain mean of the head lets
+each round's sample of devices drag the absent classes' rows around. fedge averages each
+class's rows over the devices that hold it: a server-side complement to FedRS (Li & Zhan,
+"FedRS: Federated Learning with Restricted Softmax for Label Distribution Non-IID Data", KDD
+2021), whose restricted softmax (the run's `absent-class-scale`) damps the same push on the
+device; docs/methods.md has the measured effect. A device that reports no classes
+(`classes=None`) weighs every class row, which is the plain mean.
 
 As a `federation.rules.Rule` (`RULE`): `contribution` on the device; `init` / `add` / `finalize`
 on the server, then `add_mean_delta`. The state is one running sum per key, so memory does not
@@ -30,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from federation.rules.base import Rule, Slot, add_mean_delta
+from federation.rules.base import Rule, Slot, add_mean_delta, is_class_row_key
 
 NAME = "exact-mixed-rank"
 WEIGHT = "#weight"
@@ -51,6 +63,28 @@ def rank_axis(key: str) -> int | None:
     return None
 
 
+def weights_axis(key: str) -> int | None:
+    """The axis a key's weights run along: its rank axis (LoRA), its classes (0, a head's class
+    rows), or none (one weight behind the whole key)."""
+    axis = rank_axis(key)
+    if axis is None and is_class_row_key(key):
+        return 0
+    return axis
+
+
+def trained_entries(key: str, marks: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Per device, which entries of `key` it trained: `marks` [devices, entries] are the devices'
+    `KEY#weight` slots, `shape` [devices, *key's shape]; True where the weight behind is > 0."""
+    marks = np.asarray(marks)
+    axis = weights_axis(key)
+    view = [marks.shape[0]] + [1] * (len(shape) - 1)
+    if axis is not None:
+        view[axis + 1] = -1
+    elif marks.shape[1:] != (1,):
+        raise ValueError(f"{key}: one weight per device expected, got {marks.shape[1:]}")
+    return np.broadcast_to(marks.reshape(view) > 0, shape)
+
+
 def _column_view(weights: np.ndarray, ndim: int, axis: int = 1) -> np.ndarray:
     """Broadcast a per-rank weight vector against a LoRA matrix of `ndim` dimensions along `axis`."""
     shape = [1] * ndim
@@ -64,13 +98,18 @@ def _beyond(value: np.ndarray, axis: int, r: int) -> np.ndarray:
 
 
 def contribution(
-    delta: Mapping[str, np.ndarray], weight: float, rank: int | None = None
+    delta: Mapping[str, np.ndarray],
+    weight: float,
+    rank: int | None = None,
+    classes: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """One device's upload: weighted deltas plus the weights behind them.
 
     `rank`: the columns of each B the device trained (None, or at least r_max: all of them; a
     device's rank is capped by the model's). Columns beyond it must be zero in `delta` (a
     rank-r device holds no parameters there).
+    `classes`: which of the task's classes the device holds (bool, one per class row of the
+    head); the rows of the others are left out (weight 0, delta 0). None: every class row counts.
     """
     if not (np.isfinite(weight) and weight > 0):
         raise ValueError(f"aggregation weight must be a positive number, got {weight}")
@@ -78,7 +117,17 @@ def contribution(
     for key, value in delta.items():
         value = np.asarray(value, dtype=np.float32)
         axis = rank_axis(key)
-        if axis is not None:
+        if axis is None and is_class_row_key(key):
+            held = np.ones(value.shape[0], bool) if classes is None else np.asarray(classes).ravel()
+            if held.dtype != bool or held.shape != value.shape[:1]:
+                raise ValueError(
+                    f"classes must be {value.shape[0]} booleans for {key}, got {held.dtype} {held.shape}"
+                )
+            if not held.any():
+                raise ValueError("a device holds at least one class of its task")
+            weights = np.where(held, np.float32(weight), np.float32(0))
+            value = value * _column_view(held, value.ndim, 0)
+        elif axis is not None:
             r_max = value.shape[axis]
             r = r_max if rank is None else min(rank, r_max)
             if r < 1:
@@ -120,13 +169,14 @@ def add(state: SumState, contrib: Mapping[str, np.ndarray]) -> SumState:
 
 def finalize(state: SumState) -> dict[str, np.ndarray]:
     """The mean delta of every key someone trained: each B column over the devices that trained
-    it (0 where none did), every other key over its contributors."""
+    it, each class row over the devices that hold the class (0 where none did), every other key
+    over its contributors."""
     out: dict[str, np.ndarray] = {}
     for key, total in state.sums.items():
         if key.endswith(WEIGHT) or key + WEIGHT not in state.sums:
             continue
         weights = state.sums[key + WEIGHT]
-        axis = rank_axis(key)
+        axis = weights_axis(key)
         if axis is not None:
             w = _column_view(weights, total.ndim, axis)
             out[key] = np.divide(total, w, out=np.zeros_like(total), where=w > 0)
@@ -144,12 +194,17 @@ def apply(
 
 def layout(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Slot]:
     """What a device uploads for a task of these state shapes: every key's weighted delta, and
-    its weights (`KEY#weight`: per column, axis 1, for a LoRA B; one for any other key)."""
+    its weights (`KEY#weight`: per column, axis 1, for a LoRA B; per class, axis 0, for a head's
+    class rows; one for any other key)."""
     out: dict[str, Slot] = {}
     for key, shape in shapes.items():
-        axis = rank_axis(key)
+        axis = weights_axis(key)
         out[key] = Slot(tuple(shape), weighted_by=key + WEIGHT, axis=axis)
-        out[key + WEIGHT] = Slot((shape[axis],) if axis is not None else (1,), weights=True)
+        out[key + WEIGHT] = Slot(
+            (shape[axis],) if axis is not None else (1,),
+            weights=True,
+            classes=axis is not None and rank_axis(key) is None,
+        )
     return out
 
 
@@ -183,22 +238,26 @@ def validate_contribution(
     if not 0 < weight <= max_weight:
         return f"weight {weight} is outside (0, {max_weight}]"
     for key in shapes:
-        axis = rank_axis(key)
+        axis = weights_axis(key)
         if axis is not None:
             w = np.asarray(contrib[key + WEIGHT])
             trained = w > 0
-            if trained.any() and not trained[: int(trained.sum())].all():
+            if rank_axis(key) is None:  # a head's class rows: any classes, at least one
+                if not trained.any():
+                    return f"{key}#weight holds no class (a device holds at least one)"
+            elif trained.any() and not trained[: int(trained.sum())].all():
                 return f"{key}#weight must cover a prefix of the ranks (a device trains the first r)"
             untrained = ~_column_view(trained, np.ndim(contrib[key]), axis)
             if np.any(np.where(untrained, np.asarray(contrib[key]), 0) != 0):
-                return f"{key} has non-zero values in columns the device did not train"
+                return f"{key} has non-zero values in columns (or class rows) the device did not train"
     return None
 
 
 RULE = Rule(
     name=NAME,
     paper="FedAvg (McMahan et al., AISTATS 2017) over LoRA B with a shared frozen A (FFA-LoRA, "
-    "Sun et al., ICLR 2024), per-column weights for mixed ranks",
+    "Sun et al., ICLR 2024), per-column weights for mixed ranks, head class rows averaged over the "
+    "devices holding each class (after FedRS, Li & Zhan, KDD 2021)",
     is_sum=True,
     not_sum_reason="",
     layout=layout,
@@ -208,4 +267,5 @@ RULE = Rule(
     add=add,
     finalize=finalize,
     update=add_mean_delta,
+    class_rows=True,
 )

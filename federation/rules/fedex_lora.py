@@ -132,4 +132,5 @@ RULE = Rule(
     finalize=finalize,
     update=add_mean_delta,
     adapter=Adapter(train_a=True, lora_fa=False, residual=True, uniform_rank=True),
+    class_rows=True,
 )

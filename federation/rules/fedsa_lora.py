@@ -41,10 +41,12 @@ def layout(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Slot]:
     return exact_mixed_rank.layout(shared_shapes(shapes))
 
 
-def upload(delta: Mapping[str, np.ndarray], weight: float, rank: int | None = None) -> dict[str, np.ndarray]:
+def upload(
+    delta: Mapping[str, np.ndarray], weight: float, rank: int | None = None, classes: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     if any(is_b_key(k) for k in delta):
         raise ValueError("FedSA-LoRA keeps B on the device: it is never part of an upload")
-    return exact_mixed_rank.contribution(delta, weight, rank)
+    return exact_mixed_rank.contribution(delta, weight, rank, classes)
 
 
 def check(
@@ -67,4 +69,5 @@ RULE = Rule(
     finalize=exact_mixed_rank.finalize,
     update=add_mean_delta,
     adapter=ADAPTER,
+    class_rows=True,
 )

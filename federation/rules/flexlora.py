@@ -63,8 +63,14 @@ def layout(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Slot]:
     return out
 
 
-def upload(values: Mapping[str, np.ndarray], weight: float, rank: int | None = None) -> dict[str, np.ndarray]:
-    """`values`: the device's trained A and B (zero beyond its rank) and its head deltas."""
+def upload(
+    values: Mapping[str, np.ndarray],
+    weight: float,
+    rank: int | None = None,
+    classes: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """`values`: the device's trained A and B (zero beyond its rank) and its head deltas. One
+    weight behind everything: the head is averaged as a whole (`classes` is not used)."""
     if not (np.isfinite(weight) and weight > 0):
         raise ValueError(f"aggregation weight must be a positive number, got {weight}")
     out = {}

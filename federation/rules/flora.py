@@ -101,4 +101,5 @@ RULE = Rule(
     finalize=finalize,
     update=update,
     adapter=Adapter(train_a=True, lora_fa=False, residual=True),
+    class_rows=True,
 )

@@ -25,7 +25,7 @@ import numpy as np
 
 from federation.rules import median
 from federation.rules.base import Rule, add_mean_delta
-from federation.rules.exact_mixed_rank import WEIGHT, is_column_key
+from federation.rules.exact_mixed_rank import WEIGHT, trained_entries
 
 NAME = "krum"
 
@@ -57,14 +57,6 @@ def multi_krum(vectors: np.ndarray, f: int | None = None) -> np.ndarray:
     return np.sort(np.argsort(krum_scores(vectors, f), kind="stable")[: n - f])
 
 
-def _trained(key: str, marks: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    if is_column_key(key):
-        view = marks.reshape(marks.shape[:2] + (1,) * (len(shape) - 3))[:, None] > 0
-    else:
-        view = marks.reshape((marks.shape[0],) + (1,) * (len(shape) - 1)) > 0
-    return np.broadcast_to(view, shape)
-
-
 def finalize(state: median.Uploads) -> dict[str, np.ndarray]:
     """Per task, the mean over the multi-Krum-selected devices of each entry they trained."""
     by_task: dict[str, list[str]] = {}
@@ -80,7 +72,7 @@ def finalize(state: median.Uploads) -> dict[str, np.ndarray]:
         chosen = multi_krum(flat)
         for key in keys:
             stacked = np.stack(state.values[key])[chosen]
-            trained = _trained(key, np.stack(state.values[key + WEIGHT])[chosen], stacked.shape)
+            trained = trained_entries(key, np.stack(state.values[key + WEIGHT])[chosen], stacked.shape)
             count = trained.sum(axis=0)
             total = np.where(trained, stacked, 0.0).sum(axis=0)
             out[key] = np.divide(total, count, out=np.zeros(stacked.shape[1:]), where=count > 0)
@@ -100,4 +92,5 @@ RULE = Rule(
     add=median.add,
     finalize=finalize,
     update=add_mean_delta,
+    class_rows=True,
 )

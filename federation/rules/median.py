@@ -31,11 +31,14 @@ from federation.rules.exact_mixed_rank import WEIGHT
 NAME = "median"
 
 
-def upload(delta: Mapping[str, np.ndarray], weight: float, rank: int | None = None) -> dict[str, np.ndarray]:
-    """The device's delta and which entries it trained; its weight (examples) stays on the device."""
+def upload(
+    delta: Mapping[str, np.ndarray], weight: float, rank: int | None = None, classes: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """The device's delta and which entries it trained (its columns; its classes' head rows); its
+    weight (examples) stays on the device."""
     if not (np.isfinite(weight) and weight > 0):
         raise ValueError(f"aggregation weight must be a positive number, got {weight}")
-    return exact_mixed_rank.contribution(delta, 1.0, rank)
+    return exact_mixed_rank.contribution(delta, 1.0, rank, classes)
 
 
 def check(
@@ -82,12 +85,8 @@ def finalize(state: Uploads) -> dict[str, np.ndarray]:
         if key.endswith(WEIGHT) or key + WEIGHT not in state.values:
             continue
         stacked = np.stack(values)  # [devices, *shape]
-        marks = np.stack(state.values[key + WEIGHT])  # [devices, columns] or [devices, 1]
-        if exact_mixed_rank.is_column_key(key):
-            trained = marks.reshape(marks.shape[:2] + (1,) * (stacked.ndim - 3))[:, None] > 0
-        else:
-            trained = marks.reshape((len(values),) + (1,) * (stacked.ndim - 1)) > 0
-        trained = np.broadcast_to(trained, stacked.shape)
+        marks = np.stack(state.values[key + WEIGHT])  # [devices, columns / classes] or [devices, 1]
+        trained = exact_mixed_rank.trained_entries(key, marks, stacked.shape)
         if not trained.any():
             continue
         masked = np.where(trained, stacked, np.nan)
@@ -115,4 +114,5 @@ RULE = Rule(
     add=add,
     finalize=finalize,
     update=add_mean_delta,
+    class_rows=True,
 )

@@ -23,7 +23,7 @@ import numpy as np
 
 from federation.rules import median
 from federation.rules.base import Rule, add_mean_delta
-from federation.rules.exact_mixed_rank import WEIGHT, is_column_key
+from federation.rules.exact_mixed_rank import WEIGHT, trained_entries
 
 NAME = "trimmed-mean"
 TRIM_FRACTION = 0.2  # dropped from each end, per coordinate (Flower's FedTrimmedAvg beta)
@@ -53,12 +53,7 @@ def finalize(state: median.Uploads) -> dict[str, np.ndarray]:
         if key.endswith(WEIGHT) or key + WEIGHT not in state.values:
             continue
         stacked = np.stack(values)
-        marks = np.stack(state.values[key + WEIGHT])
-        if is_column_key(key):
-            trained = marks.reshape(marks.shape[:2] + (1,) * (stacked.ndim - 3))[:, None] > 0
-        else:
-            trained = marks.reshape((len(values),) + (1,) * (stacked.ndim - 1)) > 0
-        trained = np.broadcast_to(trained, stacked.shape)
+        trained = trained_entries(key, np.stack(state.values[key + WEIGHT]), stacked.shape)
         if trained.any():
             out[key] = trimmed_mean(stacked, trained)
     return out
@@ -77,4 +72,5 @@ RULE = Rule(
     add=median.add,
     finalize=finalize,
     update=add_mean_delta,
+    class_rows=True,
 )

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from federation.rules.base import Rule, Slot
+from federation.rules.base import Rule, Slot, device_upload
 from federation.secagg.protocol import Params, SecAggAbort
 from federation.secagg.quantize import decode_signed, decode_sum, encode, encode_integers
 
@@ -72,10 +72,13 @@ def encode_update(
     shapes: Mapping[str, tuple[int, ...]],
     params: Params,
     rank: int | None = None,
+    classes: np.ndarray | None = None,
 ) -> np.ndarray:
     """The device's contribution, encoded in Z_(2^m) (uint64), ready to be masked. With distributed
     DP every device weighs 1 (its examples stay on it): the noise covers one device's clipped update,
-    so no device may count more than once."""
+    so no device may count more than once; and `classes` is not used (every class row counts): the
+    weights are exact integers outside the noise, so per-class weights would publish, unnoised, how
+    many devices hold each class."""
     if params.dp:
         if params.dp_length != dp_value_length(rule, shapes):
             raise ValueError(f"the round's private length {params.dp_length} is not this task's values'")
@@ -87,15 +90,27 @@ def encode_update(
         return vector
     if not 0 < weight <= params.max_weight:
         raise ValueError(f"weight {weight} is outside (0, {params.max_weight}]: it could wrap the sum")
-    upload = rule.upload(delta, float(weight), rank)  # the weights entries (and the rank checks)
+    upload = device_upload(rule, delta, float(weight), rank, classes)  # the weights entries (and the checks)
+    layout = secure_layout(rule, shapes)
     parts = []
-    for key, slot in secure_layout(rule, shapes).items():
+    for key, slot in layout.items():
         if slot.weights:
             parts.append(encode_integers(np.rint(upload[key]).astype(np.int64).ravel(), params.modulus_bits))
+            continue
+        value = np.asarray(delta[key], dtype=np.float64)
+        if value.shape != tuple(slot.shape):
+            raise ValueError(f"{key} has shape {value.shape}, expected {tuple(slot.shape)}")
+        if slot.axis is not None and layout[slot.weighted_by].classes:
+            # class rows: each row carries the weight behind it (0 for a class the device lacks)
+            behind = np.rint(upload[slot.weighted_by]).astype(np.int64)
+            rows = np.moveaxis(value, slot.axis, 0)
+            encoded = np.stack([
+                encode(row.ravel(), params.clip, params.value_bits, params.modulus_bits, weight=int(w))
+                .reshape(row.shape)
+                for row, w in zip(rows, behind, strict=True)
+            ])  # fmt: skip
+            parts.append(np.moveaxis(encoded, 0, slot.axis).ravel())
         else:
-            value = np.asarray(delta[key], dtype=np.float64)
-            if value.shape != tuple(slot.shape):
-                raise ValueError(f"{key} has shape {value.shape}, expected {tuple(slot.shape)}")
             parts.append(
                 encode(value.ravel(), params.clip, params.value_bits, params.modulus_bits, weight=int(weight))
             )
@@ -170,10 +185,12 @@ def check_plausible_sum(
     the check, when this one does not. Returns the total weight W.
 
     Honest device k puts its weight w_k in 1..max_weight on a prefix (at least the first entry) of
-    every weights slot of the rule's layout, 0 on the rest, and w_k * q with |q| <= clip * scale in
-    each value coordinate (clipping happens before rounding, so the bound is exact). Hence:
-    - weights: the first entry of every weights slot equals W; entries never increase along a
-      slot and stay in [0, W];
+    every weights slot of the rule's layout, 0 on the rest (on a class weights slot: on the classes
+    it holds, at least one), and w_k * q with |q| <= clip * scale in each value coordinate behind a
+    weight w_k (0 behind a 0; clipping happens before rounding, so the bound is exact). Hence:
+    - weights: the first entry of every (non-class) weights slot equals W; entries never increase
+      along a slot and stay in [0, W]; a class slot's entries stay in [0, W] and sum to at least W
+      (every device holds a class) and at most W x the classes;
     - total: devices <= W <= devices * max_weight;
     - values: |sum| <= clip * (the weight behind that entry), coordinate by coordinate.
     Without proofs of bounded input (ACORN, Bell et al., USENIX Security 2023; RoFL, Lycklama
@@ -185,7 +202,7 @@ def check_plausible_sum(
     weights = {
         k: np.asarray(decoded[k], dtype=np.float64).ravel() for k, slot in layout.items() if slot.weights
     }
-    firsts = {float(w[0]) for w in weights.values()}
+    firsts = {float(w[0]) for k, w in weights.items() if not layout[k].classes}
     if len(firsts) != 1:
         raise ImplausibleSumError(
             f"weights inconsistent across keys (weights-consistent): {sorted(firsts)[:4]}"
@@ -199,7 +216,14 @@ def check_plausible_sum(
             "devices (weight-range)"
         )
     for key, w in weights.items():
-        if np.any(w < 0) or np.any(w > total) or np.any(np.diff(w) > 0):
+        if layout[key].classes:
+            if params.dp and np.any(w != total):  # under DP every device weighs every class row
+                raise ImplausibleSumError(f"{key}: class weights under distributed DP (weight-range)")
+            if np.any(w < 0) or np.any(w > total) or not total <= w.sum() <= total * w.size:
+                raise ImplausibleSumError(
+                    f"{key}: class weights are not in [0, W] or do not sum to between W and W x classes"
+                )
+        elif np.any(w < 0) or np.any(w > total) or np.any(np.diff(w) > 0):
             raise ImplausibleSumError(f"{key}: column weights are not a non-increasing profile in [0, W]")
     if params.dp:
         return total  # the values were checked in the rotated integer domain (decode_total)

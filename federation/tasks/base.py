@@ -125,6 +125,13 @@ class Task(ABC):
     ) -> Sums:
         """Summed results on the client's held-out split (with its private part, if any)."""
 
+    def classes_held(self, data: Any) -> np.ndarray | None:
+        """For a task whose head has one output row per class (a head module named `classes`):
+        which classes the client's training split holds (bool, one per class). The default rule
+        averages each class's rows over the devices that hold it. None (the default): the task
+        has no class rows, or every device weighs every row."""
+        return None
+
     # -- on the server -------------------------------------------------------------------
     @abstractmethod
     def held_out(self, data: Sequence[Any]) -> tuple[torch.Tensor, ...]:

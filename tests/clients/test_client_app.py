@@ -21,6 +21,7 @@ from federation.data.sensor import N_CLASSES
 from federation.fleet import device_for_partition, load_device_data
 from federation.model.edge import initial_state, task_slice
 from federation.rules import exact_mixed_rank
+from federation.rules.base import is_class_row_key
 from federation.rules.exact_mixed_rank import WEIGHT, is_column_key
 from federation.scenarios import get_scenario
 from federation.training import AUC_BINS
@@ -79,9 +80,15 @@ def _checkin(app: Any, ctx: Context) -> Message:
 
 
 def _check_train_reply(
-    reply: Message, state: dict[str, np.ndarray], task: str, server_round: int, rank: int
+    reply: Message,
+    state: dict[str, np.ndarray],
+    task: str,
+    server_round: int,
+    rank: int,
+    held: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Check a train reply's contribution; return the device's delta (contribution / weight)."""
+    """Check a train reply's contribution; return the device's delta (contribution / weight).
+    `held`: the classes the device holds (its head's class rows carry its weight on those only)."""
     assert not reply.has_error()
     assert set(reply.content.keys()) == {"arrays", "metrics"}
     arrays, metrics = reply.content["arrays"], reply.content["metrics"]
@@ -99,6 +106,9 @@ def _check_train_reply(
         if is_column_key(key):  # the device's rank: weight on B's first `rank` columns, zeros beyond
             assert weights.tolist() == [weight] * rank + [0.0] * (shape[1] - rank), key
             assert not value[:, rank:].any(), key
+        elif is_class_row_key(key):  # its weight on the classes it holds; the others' rows not sent
+            assert held is not None and weights.tolist() == [weight if h else 0.0 for h in held], key
+            assert not value[~held].any() and value[held].any(), key
         else:
             assert weights.tolist() == [weight], key
         delta[key] = value / weight
@@ -136,15 +146,19 @@ def test_sensor_checkin(app, sensor_ctx: Context, run: RunConfig) -> None:
 
 def test_sensor_train(app, sensor_ctx: Context, global_state: dict[str, np.ndarray], run: RunConfig) -> None:
     reply = app(_work(sensor_ctx, MessageType.TRAIN, global_state, "sensor", 3), sensor_ctx)
-    delta = _check_train_reply(reply, global_state, "sensor", 3, rank=2)
+    device = device_for_partition(get_scenario("smoke"), SENSOR_PARTITION, run.seed)
+    labels = load_device_data(device, run.seed, run.seq_len).train_y.numpy()
+    held = np.bincount(labels, minlength=N_CLASSES) > 0
+    assert 0 < held.sum() < N_CLASSES  # the watch lacks some exercises: their rows must stay home
+    delta = _check_train_reply(reply, global_state, "sensor", 3, rank=2, held=held)
     assert set(delta) == {
         "lora.conv2.lora_B.weight",
         "lora.conv3.lora_B.weight",
         "lora.proj.lora_B.weight",
         "head.norm.weight",
         "head.norm.bias",
-        "head.out.weight",
-        "head.out.bias",
+        "head.classes.weight",
+        "head.classes.bias",
     }
     # 2 local steps of batch 8: the low-tier watch's memory budget caps the run's batch of 16
     assert run.train.batch_size == 16

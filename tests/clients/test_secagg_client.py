@@ -23,6 +23,7 @@ from federation.config import RunConfig
 from federation.fleet import device_from_node_config, load_device_data
 from federation.model.edge import initial_state, task_slice
 from federation.rules import exact_mixed_rank
+from federation.rules.base import is_class_row_key
 from federation.scenarios import fleet_order, get_scenario
 from federation.secagg import quantization_error_bound
 from federation.secagg.packing import packed_size, unpack_residues
@@ -292,7 +293,7 @@ def test_decoded_sum_matches_local_training(
 
     shared = task_slice(global_state, TASK)
     expected: dict[str, np.ndarray] = {}
-    weights, ranks = [], []
+    weights, ranks, lacking = [], [], 0
     for ctx in secure_round.contexts.values():
         device = device_from_node_config(ctx.node_config, run.scenario, run.seed, run.cache_dir)
         data = load_device_data(device, run.seed, run.seq_len, run.cache_dir)
@@ -300,15 +301,22 @@ def test_decoded_sum_matches_local_training(
         weight = int(result.metrics["num-examples"])
         weights.append(weight)
         ranks.append(result.rank)
-        for key, value in exact_mixed_rank.contribution(result.delta, float(weight), result.rank).items():
+        assert result.classes is not None
+        lacking += int(not result.classes.all())
+        contrib = exact_mixed_rank.contribution(result.delta, float(weight), result.rank, result.classes)
+        for key, value in contrib.items():
             if key.endswith(exact_mixed_rank.WEIGHT):
                 add = value.astype(np.float64)
             else:
-                add = (
-                    np.clip(result.delta[key].astype(np.float64), -run.secagg_clip, run.secagg_clip) * weight
-                )
+                clipped = np.clip(result.delta[key].astype(np.float64), -run.secagg_clip, run.secagg_clip)
+                if is_class_row_key(key):  # each class row: the weight behind it (0: a class it lacks)
+                    behind = contrib[key + exact_mixed_rank.WEIGHT].astype(np.float64)
+                    add = clipped * behind.reshape((-1,) + (1,) * (clipped.ndim - 1))
+                else:
+                    add = clipped * weight
             expected[key] = expected.get(key, 0) + add
     assert len(set(ranks)) > 1  # low and high tier watches: a mixed-rank round
+    assert lacking > 0  # a watch lacking some exercises: class rows weighed per class
     decoded = secure_round.decoded
     assert set(decoded) == set(expected)
     bound = quantization_error_bound(

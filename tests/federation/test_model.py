@@ -160,8 +160,8 @@ def test_frozen_a_differs_across_seeds_and_tasks() -> None:
         assert not torch.equal(a0[name], a1[name])
         assert not a0[name].requires_grad
     # the seeded heads differ across seeds too, and are reproducible
-    assert torch.equal(s0.head["out"].weight, s0_again.head["out"].weight)
-    assert not torch.equal(s0.head["out"].weight, s1.head["out"].weight)
+    assert torch.equal(s0.head["classes"].weight, s0_again.head["classes"].weight)
+    assert not torch.equal(s0.head["classes"].weight, s1.head["classes"].weight)
 
 
 def test_b_starts_at_zero_so_a_fresh_phone_is_the_plain_backbone(backbone, fresh_phone, batch) -> None:
@@ -293,12 +293,12 @@ def test_exported_sensor_adapter_and_head_reproduce_the_eval_metric(backbone, tm
     loaded = PeftModel.from_pretrained(load_imu_encoder(), str(target))
     # the documented sensor head: LayerNorm over the encoder's features, then a linear layer
     head = torch.nn.ModuleDict(
-        {"norm": torch.nn.LayerNorm(FEATURES), "out": torch.nn.Linear(FEATURES, N_CLASSES)}
+        {"norm": torch.nn.LayerNorm(FEATURES), "classes": torch.nn.Linear(FEATURES, N_CLASSES)}
     )
     head.load_state_dict(load_file(str(target / "head.safetensors")))
     loaded.eval()
     with torch.no_grad():
-        logits = head["out"](head["norm"](loaded(data.test_x)))
+        logits = head["classes"](head["norm"](loaded(data.test_x)))
     pred = logits.argmax(-1)
     confusion = torch.bincount(data.test_y * N_CLASSES + pred, minlength=N_CLASSES**2)
     plain_sums = {

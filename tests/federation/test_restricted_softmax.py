@@ -20,7 +20,7 @@ from federation.training import TrainSettings, restricted_logits, train_classifi
 
 
 def _head_rows(model: SensorModel) -> tuple[torch.Tensor, torch.Tensor]:
-    out = model.head["out"]
+    out = model.head["classes"]
     return out.weight.detach().clone(), out.bias.detach().clone()
 
 

@@ -98,16 +98,16 @@ def test_nan_and_inf_are_refused(fed: RunState) -> None:
         reason = _reason(fed, _reply(_request(fed, "sensor"), upload))
         assert "lora.conv3.lora_B.weight" in reason and "NaN or inf" in reason
         upload = _upload(fed, "sensor")
-        upload["head.out.bias" + WEIGHT][0] = bad
+        upload["head.classes.bias" + WEIGHT][0] = bad
         reason = _reason(fed, _reply(_request(fed, "sensor"), upload))
-        assert "head.out.bias#weight" in reason and "NaN or inf" in reason
+        assert "head.classes.bias#weight" in reason and "NaN or inf" in reason
 
 
 def test_wrong_shape_is_refused(fed: RunState) -> None:
     upload = _upload(fed, "sensor")
-    upload["head.out.weight"] = np.zeros((8, 64), np.float32)  # 8 classes instead of 7
+    upload["head.classes.weight"] = np.zeros((8, 64), np.float32)  # 8 classes instead of 7
     reason = _reason(fed, _reply(_request(fed, "sensor"), upload))
-    assert "head.out.weight" in reason and "(8, 64)" in reason and "(7, 64)" in reason
+    assert "head.classes.weight" in reason and "(8, 64)" in reason and "(7, 64)" in reason
     # a LoRA B of another rank: a rank-4 device must still pad to the r_max = 8 columns
     upload = _upload(fed, "sensor", rank=4)
     upload["lora.proj.lora_B.weight"] = upload["lora.proj.lora_B.weight"][:, :4].copy()
@@ -122,10 +122,10 @@ def test_declared_shape_cannot_hide_the_real_one(fed: RunState) -> None:
     """The Array's metadata claims the expected shape; its payload holds another."""
     arrays = ArrayRecord({k: Array(v) for k, v in _upload(fed, "sensor").items()})
     real = Array(np.zeros((3, 3), np.float32))
-    arrays["head.out.bias"] = Array(dtype=real.dtype, shape=(7,), stype=real.stype, data=real.data)
+    arrays["head.classes.bias"] = Array(dtype=real.dtype, shape=(7,), stype=real.stype, data=real.data)
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(GOOD_METRICS)})
     reply = Message(content, reply_to=_request(fed, "sensor"))
-    assert "head.out.bias" in _reason(fed, reply)
+    assert "head.classes.bias" in _reason(fed, reply)
 
 
 def test_wrong_keys_are_refused(fed: RunState) -> None:
@@ -134,8 +134,8 @@ def test_wrong_keys_are_refused(fed: RunState) -> None:
     del upload["lora.conv2.lora_B.weight"], upload["lora.conv2.lora_B.weight#weight"]
     assert "missing" in (r := _reason(fed, _reply(request, upload))) and "lora.conv2" in r
     upload = _upload(fed, "sensor")
-    del upload["head.out.weight#weight"]  # a value without the weight behind it
-    assert "missing" in (r := _reason(fed, _reply(request, upload))) and "head.out.weight#weight" in r
+    del upload["head.classes.weight#weight"]  # a value without the weight behind it
+    assert "missing" in (r := _reason(fed, _reply(request, upload))) and "head.classes.weight#weight" in r
     upload = {**_upload(fed, "sensor"), "head.private_user": np.zeros(17, np.float32)}
     assert "unexpected" in (r := _reason(fed, _reply(request, upload))) and "head.private_user" in r
     # a raw delta (the old upload, without weights) is not a contribution
@@ -148,10 +148,10 @@ def test_wrong_keys_are_refused(fed: RunState) -> None:
 
 def test_integer_arrays_are_refused(fed: RunState) -> None:
     upload = _upload(fed, "sensor")
-    upload["head.out.bias"] = np.zeros(7, np.int32)
+    upload["head.classes.bias"] = np.zeros(7, np.int32)
     assert "dtype" in _reason(fed, _reply(_request(fed, "sensor"), upload))
     upload = _upload(fed, "sensor")
-    upload["head.out.bias#weight"] = np.array([32], np.int64)
+    upload["head.classes.bias#weight"] = np.full(7, 32, np.int64)
     assert "dtype" in _reason(fed, _reply(_request(fed, "sensor"), upload))
 
 
@@ -215,7 +215,9 @@ def test_missing_parts_and_unreadable_arrays_are_refused(fed: RunState) -> None:
     assert "lacks" in _reason(fed, _reply(request, None))
     assert "lacks" in _reason(fed, _reply(request, _upload(fed, "sensor"), with_metrics=False))
     arrays = ArrayRecord({k: Array(v) for k, v in _upload(fed, "sensor").items()})
-    arrays["head.out.bias"] = Array(dtype="float32", shape=(7,), stype="numpy.ndarray", data=b"not an array")
+    arrays["head.classes.bias"] = Array(
+        dtype="float32", shape=(7,), stype="numpy.ndarray", data=b"not an array"
+    )
     reply = Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(GOOD_METRICS)}), reply_to=request)
     assert "unreadable" in _reason(fed, reply)
 
