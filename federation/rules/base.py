@@ -155,8 +155,9 @@ CLASS_ROWS = "head.classes."
 
 
 def is_class_row_key(key: str) -> bool:
-    """A head parameter whose rows (axis 0) are the task's classes (`head.classes.weight`, `.bias`)."""
-    return key.startswith(CLASS_ROWS)
+    """A head parameter whose rows (axis 0) are the task's classes (`head.classes.weight`, `.bias`),
+    with or without the server's task prefix (`sensor/head.classes.weight`)."""
+    return key.rpartition("/")[2].startswith(CLASS_ROWS)
 
 
 def is_b_key(key: str) -> bool:

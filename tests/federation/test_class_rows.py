@@ -70,6 +70,22 @@ def test_each_class_row_is_the_mean_over_the_devices_that_hold_it() -> None:
     np.testing.assert_array_equal(new[ROWS][2], [1, 1])
 
 
+@pytest.mark.parametrize("name", ["exact-mixed-rank", "median", "trimmed-mean"])
+def test_the_server_s_task_prefixed_sums_are_finalized_row_by_row(name: str) -> None:
+    """The server folds every task's uploads under `task/key`: class rows are found there too.
+    (Krum selects devices per task prefix, so unprefixed keys are not its comparison.)"""
+    rule = get_rule(name)
+    state = rule.init()
+    for delta, weight, held in DEVICES:
+        upload = device_upload(rule, delta, weight, None, held)
+        rule.add(state, {f"sensor/{k}": v for k, v in upload.items()})
+    prefixed = rule.finalize(state)
+    expected = _round(rule=rule)
+    assert set(prefixed) == {f"sensor/{k}" for k in expected}
+    for key, value in expected.items():
+        np.testing.assert_allclose(prefixed[f"sensor/{key}"], value, rtol=1e-12, err_msg=key)
+
+
 def test_without_classes_every_row_is_the_plain_mean() -> None:
     plain = _round([(d, w, None) for d, w, _ in DEVICES])
     np.testing.assert_allclose(

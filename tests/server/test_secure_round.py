@@ -408,6 +408,12 @@ def test_plain_and_secure_rounds_return_the_same_typed_result_and_only_the_loop_
     bound = quantization_error_bound(1.0, 24, 1)  # a weighted mean is off by < 1 quantum
     for key in plain_mean:
         np.testing.assert_allclose(secure_mean[key], plain_mean[key], rtol=0, atol=bound)
+    # the watches hold different exercises: each class row is divided by its own weight
+    for key in ("sensor/head.classes.weight", "sensor/head.classes.bias"):
+        sums, weights = secure.aggregate.sums[key], secure.aggregate.sums[key + "#weight"]
+        assert len(set(weights.tolist())) > 1, key  # a per-class profile, not one weight
+        rows = np.flatnonzero(weights > 0)
+        np.testing.assert_allclose(secure_mean[key][rows], (sums[rows].T / weights[rows]).T, rtol=1e-12)
 
     # metrics.jsonl is serialised from the type: the same fields for both paths, plain JSON
     lines = [MetricsEntry(1, {}, {}, 1.0, train=r).to_json() for r in (plain, secure)]
