@@ -173,10 +173,20 @@ class RunState:
         round is seeded by (seed, round[, device]) alone, so no RNG state needs restoring."""
         state, info = load_checkpoint(path)
         state, self.server_opt_state = split_server_opt(state)
-        if set(state) != set(self.state) or any(tuple(state[k].shape) != self.shapes[k] for k in state):
+        missing, extra = sorted(set(self.state) - set(state)), sorted(set(state) - set(self.state))
+        reshaped = sorted(k for k in set(state) & set(self.state) if tuple(state[k].shape) != self.shapes[k])
+        if missing or extra or reshaped:
+            # name the keys: a renamed parameter (a checkpoint of another fedge version) and a
+            # changed setting read alike otherwise
+            differ = "; ".join(
+                f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for what, keys in (("lacks", missing), ("has unknown", extra), ("reshaped", reshaped))
+                if keys
+            )
             raise FedgeError(
-                f"checkpoint {path} does not match this run's model "
-                "(scenario, lora-rank, lora-targets, tv-user-dim): resume with the settings it was made with"
+                f"checkpoint {path} does not match this run's model ({differ}): resume with the settings "
+                "it was made with (scenario, lora-rank, lora-targets, tv-user-dim, aggregation) and the "
+                "fedge version that wrote it"
             )
         for key, ours in (("scenario", self.run.scenario.name), ("seed", self.run.seed)):
             if key in info and info[key] != ours:

@@ -58,5 +58,6 @@ def test_the_residual_is_part_of_the_checkpoint_and_a_resume_needs_the_same_rule
     resumed = RunState(None, RunConfig.parse(again), 0, again)  # type: ignore[arg-type]
     np.testing.assert_array_equal(resumed.state[residuals[0]], fed.state[residuals[0]])
     other = {**again, "aggregation": "exact-mixed-rank", "secure-aggregation": True}
-    with pytest.raises(FedgeError, match="does not match this run's model"):
+    with pytest.raises(FedgeError, match="does not match this run's model") as refused:
         RunState(None, RunConfig.parse(other), 0, other)  # type: ignore[arg-type]
+    assert "has unknown" in str(refused.value) and "lora_residual" in str(refused.value)

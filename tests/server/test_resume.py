@@ -78,3 +78,23 @@ def test_resuming_with_another_seed_or_without_a_checkpoint_fails_clearly(tmp_pa
         _resumed(tmp_path, seed=4)
     with pytest.raises(FedgeError, match=r"no checkpoint\.json"):
         resume_settings(tmp_path / "elsewhere", {})
+
+
+def test_a_checkpoint_with_other_keys_is_refused_naming_them(tmp_path: Path) -> None:
+    """A checkpoint of another fedge version (here the sensor head's output layer under its old
+    name, `head.out`) is refused, and the message names what differs."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    _crashed_run(tmp_path)
+    path = tmp_path / "checkpoint.safetensors"
+    with safe_open(str(path), framework="numpy") as f:
+        metadata = f.metadata()
+        state = {k.replace("head.classes.", "head.out."): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert "sensor/head.out.weight" in state
+    save_file(state, str(path), metadata=metadata)
+    with pytest.raises(FedgeError, match="does not match this run's model") as refused:
+        _resumed(tmp_path)
+    message = str(refused.value)
+    assert "lacks sensor/head.classes.bias, sensor/head.classes.weight" in message
+    assert "has unknown sensor/head.out.bias, sensor/head.out.weight" in message
