@@ -20,7 +20,7 @@ from federation.errors import FedgeError
 from federation.privacy.accountant import ORDERS, PrivacyAccountant, Release, epsilon_of, release_rdp
 from federation.privacy.encoding import WRAP_TARGET, plan_dp
 from federation.privacy.noise import discrete_gaussian, skellam
-from federation.privacy.rotation import padded_length, rotate, unrotate
+from federation.privacy.rotation import padded_length, rotate, signs, unrotate
 from federation.privacy.rounding import conditional_round, rounded_l2_bound
 from federation.rules import get_rule
 from federation.secagg.protocol import Expected, ParameterError, check_params, plan
@@ -73,7 +73,13 @@ def test_the_rotation_keeps_norms_and_is_inverted_exactly(length: int) -> None:
     xs = [rng.normal(size=length) for _ in range(3)]
     np.testing.assert_allclose(unrotate(sum(rotate(v, seed) for v in xs), seed, length), sum(xs), atol=1e-12)
     if length > 1:  # another round's signs do not invert it
-        assert not np.allclose(unrotate(y, os.urandom(32), length), x, atol=1e-6)
+        # a fixed other seed whose signs differ on the data's coordinates: a random one agrees
+        # on all 5 of length 5's with probability 1/32, which made this check flaky
+        other = next(
+            s for s in (bytes([i]) * 32 for i in range(256))
+            if not np.array_equal(signs(s, length), signs(seed, length))
+        )
+        assert not np.allclose(unrotate(y, other, length), x, atol=1e-6)
 
 
 def test_the_rotation_flattens_a_spike() -> None:
@@ -94,7 +100,7 @@ def test_conditional_rounding_is_unbiased_and_never_exceeds_the_bound() -> None:
     draws = np.stack([conditional_round(y, bound) for _ in range(400)])
     assert np.all(np.linalg.norm(draws, axis=1) <= bound)
     assert np.all(np.abs(draws - y) < 1)  # a neighbouring integer
-    np.testing.assert_allclose(draws.mean(axis=0), y, atol=0.1)  # unbiased (std of a mean of 400 <= 0.025)
+    np.testing.assert_allclose(draws.mean(axis=0), y, atol=0.125)  # unbiased (std of a mean of 400 <= 0.025: 5 sigma)
     with pytest.raises(ValueError, match="conditional rounding failed"):
         conditional_round(y * 10, bound)  # an unclipped input cannot pass
 
@@ -122,9 +128,10 @@ def test_the_device_clips_its_update_to_dp_clip() -> None:
 @pytest.mark.parametrize("mechanism", [DDG, SKELLAM])
 def test_the_decoded_sum_carries_the_promised_noise_variance(mechanism: str) -> None:
     """n = 4 devices with zero updates, 40 rounds: the decoded sum is the noise alone. Over
-    40 x 124 coordinates its variance must be (z x Delta_2 / s)^2 = (z x dp-clip)^2 to within 6%
+    40 x 124 coordinates its variance must be (z x Delta_2 / s)^2 = (z x dp-clip)^2 to within 8%
     (the sample variance of N = 4960 values has a relative standard error sqrt(2/N) = 2%:
-    a 3-sigma tolerance), and its mean 0."""
+    a 4-sigma tolerance, since the noise comes from unseedable cryptographic randomness and a
+    3-sigma one fails one run in 370), and its mean 0."""
     z, clip, n = 1.5, 0.5, 4
     zero = {B: np.zeros(SHAPES[B]), HEAD: np.zeros(SHAPES[HEAD])}
     samples = []
@@ -137,7 +144,7 @@ def test_the_decoded_sum_carries_the_promised_noise_variance(mechanism: str) -> 
     plan_ = params.dp_plan()
     promised = plan_.variance / plan_.scale**2
     assert promised == pytest.approx((z * clip) ** 2, rel=1e-4)  # Delta_2 / s is dp-clip (+ rounding)
-    assert noise.var() == pytest.approx(promised, rel=0.06)
+    assert noise.var() == pytest.approx(promised, rel=0.08)
     assert abs(noise.mean()) < 4 * math.sqrt(promised / noise.size)
 
 
