@@ -19,6 +19,7 @@ from federation.model.lora import LoraSettings
 from federation.rules import Rule, get_rule
 from federation.rules.server_opt import ServerOptimizer
 from federation.scenarios import Scenario, get_scenario
+from federation.served_average import check_decay
 from federation.training import TrainSettings
 
 KIND_WORDS = {bool: "a bool (true or false)", int: "an int", float: "a float", str: "a string"}
@@ -129,6 +130,9 @@ class RunConfig:
 
     # -- research methods (docs/methods.md): the server optimizer over the rule's update
     server_optimizer: ServerOptimizer = field(default_factory=ServerOptimizer)
+    # what the server evaluates and exports: a moving average of the global states with this
+    # decay (federation.served_average); 0: the latest state
+    served_average: float = 0.0
 
     @property
     def rule(self) -> Rule:
@@ -226,6 +230,15 @@ class RunConfig:
             )
         except ValueError as exc:
             raise FedgeError(f"run config: {exc}: {source.fix('server-optimizer')}") from None
+        served_average = _get(cfg, "served-average", float)
+        if (why := check_decay(served_average)) is not None:
+            raise FedgeError(f"run config served-average {why}: {source.fix('served-average')}")
+        if served_average > 0 and not rule.state_averages:
+            raise FedgeError(
+                f"run config served-average={served_average} averages global states, and under "
+                f"aggregation={aggregation!r} {rule.not_averaged_reason}: set served-average = 0 or "
+                f"choose another rule: {source.fix('served-average')}"
+            )
         return cls(
             scenario=scenario,
             rounds=rounds,
@@ -255,6 +268,7 @@ class RunConfig:
             class_wise_heads=_get(cfg, "class-wise-heads", bool),
             **_privacy_settings(cfg, source, rule, secure, _get(cfg, "bench-alternate", bool)),
             server_optimizer=server_optimizer,
+            served_average=served_average,
         )
 
 

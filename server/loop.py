@@ -29,6 +29,8 @@ from federation.metrics import PRIMARY_METRIC, add_sums, finalize
 from federation.model.edge import initial_state, task_slice
 from federation.rules.server_opt import STATE_PREFIX, split_server_opt
 from federation.rules.server_opt import step as server_opt_step
+from federation.served_average import SERVED_PREFIX, split_served
+from federation.served_average import update as served_update
 from federation.tasks import get_task
 from server.messaging import send_and_stream
 from server.round import MetricsEntry, RoundResult
@@ -163,6 +165,9 @@ class RunState:
 
             self.accountant = PrivacyAccountant(run.dp_delta, run.dp_noise_multiplier, run.dp_mechanism)
         self.server_opt_state: dict[str, np.ndarray] = {}  # the server optimizer's moments (checkpointed)
+        # the moving average of the global states that is evaluated and exported (served-average > 0;
+        # None until the first trained round; checkpointed)
+        self.served: dict[str, np.ndarray] | None = None
         if run.initial_checkpoint:
             self._resume(run.initial_checkpoint)
 
@@ -173,6 +178,7 @@ class RunState:
         round is seeded by (seed, round[, device]) alone, so no RNG state needs restoring."""
         state, info = load_checkpoint(path)
         state, self.server_opt_state = split_server_opt(state)
+        state, served = split_served(state)
         missing, extra = sorted(set(self.state) - set(state)), sorted(set(state) - set(self.state))
         reshaped = sorted(k for k in set(state) & set(self.state) if tuple(state[k].shape) != self.shapes[k])
         if missing or extra or reshaped:
@@ -196,6 +202,13 @@ class RunState:
                 )
         self.state = state
         done = int(info.get("round", 0))
+        if self.run.served_average > 0:
+            if served is not None and set(served) == set(state):
+                self.served = served
+            elif done > 0:  # a checkpoint of a run that served its latest state: the average starts here
+                self.served = {k: np.array(v, copy=True) for k, v in state.items()}
+                log(WARNING, "fedge: checkpoint %s holds no served average: it starts from round %d's state",
+                    path, done)
         self.start_round = done + 1
         if "sim_time_s" in info:
             self.sim_time_s = float(info["sim_time_s"])
@@ -209,6 +222,12 @@ class RunState:
         log(INFO, "fedge: resumed from %s after round %d", path, done)
 
     # -- evaluation -------------------------------------------------------------------
+    @property
+    def served_state(self) -> dict[str, np.ndarray]:
+        """What the server evaluates, sends for evaluation and exports: the moving average of the
+        global states (served-average > 0, after the first trained round), else the latest state."""
+        return self.served if self.served is not None else self.state
+
     def evaluate_server(self) -> dict[str, dict[str, float]]:
         """Every task that is evaluated server-side (`TaskInfo.server_eval`), on the union of the
         fleet's held-out splits (a personalised task: its shared part alone, as for a new device)."""
@@ -220,7 +239,7 @@ class RunState:
             if not get_task(task).info.server_eval:
                 continue
             model = task_model(self.run, task)
-            model.load_shared_state(task_slice(self.state, task))
+            model.load_shared_state(task_slice(self.served_state, task))
             held = held_out(self.run.scenario, task, self.run.seed, self.run.seq_len, self.run.cache_dir)
             results[task] = finalize(task, get_task(task).evaluate_held_out(model, held.test, self.run))
         return results
@@ -234,7 +253,7 @@ class RunState:
         """Held-out evaluation on the devices themselves (every checked-in node of `tasks`)."""
         messages = []
         for task in tasks:
-            arrays = _record(task_slice(self.state, task))
+            arrays = _record(task_slice(self.served_state, task))
             config = ConfigRecord({"server-round": server_round, "task": task})
             nodes = self.registry.of_task(task)
             cap = self.run.scenario.eval_devices
@@ -355,8 +374,7 @@ class RunState:
         else:
             result = self.plain_train_round(server_round, chosen)
         rule = self.run.rule
-        updated = rule.update(self.state, rule.finalize(result.aggregate), 1.0)
-        self.state = self.server_step(self.state, updated)
+        self.advance(rule.update(self.state, rule.finalize(result.aggregate), 1.0))
         if self.accountant is not None:
             result.privacy = self.accountant.record_round(result.dp_releases)
         result.clock = clock or None
@@ -447,6 +465,14 @@ class RunState:
             return f"unreadable arrays ({exc})"
         return self.run.rule.check(update, expected, self.run.max_weight)
 
+    def advance(self, updated: dict[str, np.ndarray]) -> None:
+        """The round's new global state from the rule's update (through the server optimizer), and
+        the served moving average with it: devices train from the latest state, the server
+        evaluates and exports the average (served-average > 0)."""
+        self.state = self.server_step(self.state, updated)
+        if self.run.served_average > 0:
+            self.served = served_update(self.served, self.state, self.run.served_average)
+
     # -- research methods (docs/methods.md): the server optimizer over the rule's update -----
     def server_step(
         self, before: dict[str, np.ndarray], after: dict[str, np.ndarray]
@@ -468,7 +494,11 @@ class RunState:
             f.write(json.dumps(entry) + "\n")
         save_checkpoint(
             self.out,
-            {**self.state, **{STATE_PREFIX + k: v for k, v in self.server_opt_state.items()}},
+            {
+                **self.state,
+                **{STATE_PREFIX + k: v for k, v in self.server_opt_state.items()},
+                **{SERVED_PREFIX + k: v for k, v in (self.served or {}).items()},
+            },
             {
                 "round": entry["round"],
                 "scenario": self.run.scenario.name,

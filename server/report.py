@@ -40,14 +40,14 @@ def baselines(fed: RunState, task: str) -> dict[str, dict[str, float]]:
 
 
 def export_adapters(fed: RunState, directory: Path) -> None:
-    """adapter/<task>/: PEFT adapter (save_pretrained) + head.safetensors of the final state."""
+    """adapter/<task>/: PEFT adapter (save_pretrained) + head.safetensors of the served final state."""
     from safetensors.numpy import save_file
 
     from federation.local import task_model
 
     for task in fed.tasks:
         model = task_model(fed.run, task)
-        shared = task_slice(fed.state, task)
+        shared = task_slice(fed.served_state, task)  # the served model (its moving average, if kept)
         model.load_shared_state(shared)
         target = directory / task
         model.export_adapter(target)

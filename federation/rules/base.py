@@ -117,10 +117,18 @@ class Rule:
     device_keep: Callable[[Arrays, Arrays, int], dict[str, np.ndarray]] | None = None
     # The rule weighs a head's class rows by the classes each device holds (`upload`'s 4th argument)
     class_rows: bool = False
+    # An average of two of the rule's global states is a model between theirs, so the server may
+    # serve a moving average of them (federation.served_average); False: say why not
+    state_averages: bool = True
+    not_averaged_reason: str = ""
 
     def __post_init__(self) -> None:
         if not self.is_sum and not self.not_sum_reason:
             raise ValueError(f"rule {self.name!r} is not a sum and must say why (not_sum_reason)")
+        if not self.state_averages and not self.not_averaged_reason:
+            raise ValueError(
+                f"rule {self.name!r}: a state that does not average must say why (not_averaged_reason)"
+            )
 
 
 def device_upload(

@@ -201,4 +201,8 @@ RULE = Rule(
     finalize=finalize,
     update=update,
     adapter=Adapter(train_a=True, lora_fa=False, truncate=True, upload_full=True),
+    state_averages=False,
+    not_averaged_reason="the global A and B are rebuilt from a truncated SVD every round, whose "
+    "singular vectors may change sign and basis between rounds, so an average of two rounds' factors "
+    "is not a model between theirs",
 )

@@ -100,7 +100,8 @@ def test_conditional_rounding_is_unbiased_and_never_exceeds_the_bound() -> None:
     draws = np.stack([conditional_round(y, bound) for _ in range(400)])
     assert np.all(np.linalg.norm(draws, axis=1) <= bound)
     assert np.all(np.abs(draws - y) < 1)  # a neighbouring integer
-    np.testing.assert_allclose(draws.mean(axis=0), y, atol=0.125)  # unbiased (std of a mean of 400 <= 0.025: 5 sigma)
+    # unbiased: the std of a mean of 400 draws is <= 0.025, so 0.125 is 5 sigma
+    np.testing.assert_allclose(draws.mean(axis=0), y, atol=0.125)
     with pytest.raises(ValueError, match="conditional rounding failed"):
         conditional_round(y * 10, bound)  # an unclipped input cannot pass
 
