@@ -213,6 +213,7 @@ def test_which_devices_report_their_classes() -> None:
     dp = RunConfig.parse({"scenario": "smoke", "dp-mechanism": "distributed-discrete-gaussian"})
     assert held_classes(dp, "sensor", Data) is None  # exact weights outside the noise: not under DP
     plain = RunConfig.parse(
-        {"scenario": "smoke", "aggregation": "flexlora", "uniform-rank": 4, "secure-aggregation": False}
+        {"scenario": "smoke", "aggregation": "flexlora", "uniform-rank": 4, "secure-aggregation": False,
+         "served-average": 0.0}
     )
     assert held_classes(plain, "sensor", Data) is None  # a rule that averages the head whole

@@ -20,6 +20,7 @@ import pytest
 
 from federation.checkpoint import load_checkpoint
 from federation.rules.server_opt import split_server_opt
+from federation.served_average import split_served
 from simulations.cli import simulate_scenario
 
 DEADLINE_S = 600
@@ -29,7 +30,7 @@ METHODS: dict[str, dict[str, object]] = {
     "ffa-lora": {"uniform-rank": 2},
     "fedex-lora": {"uniform-rank": 2, "secure-aggregation": False},
     "flora": {"secure-aggregation": False},
-    "flexlora": {"secure-aggregation": False},
+    "flexlora": {"secure-aggregation": False, "served-average": 0.0},
     "hetlora": {"secure-aggregation": False},
     "exact-mixed-rank+fedadam": {"server-optimizer": "fedadam", "server-lr": 0.01},
 }
@@ -56,6 +57,10 @@ def test_one_round_of_the_method_through_flower(method: str, tmp_path: Path, run
     assert done["secure"] is (METHODS[method].get("secure-aggregation", True) is not False)
     assert done["upload_bytes"] > 0 and np.isfinite(done["eval"]["sensor"]["accuracy"])
     state, optimizer = split_server_opt(load_checkpoint(out / "checkpoint.safetensors")[0])
+    state, served = split_served(state)
+    # the served average (the default) is checkpointed beside the state; flexlora runs without it
+    assert (served is None) is (METHODS[method].get("served-average") == 0.0)
+    assert served is None or set(served) == set(state)
     start = _initial(out, method)
     lora_b = [k for k in state if ".lora_B." in k]
     lora_a = [k for k in state if ".lora_A." in k]
