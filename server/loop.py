@@ -202,8 +202,15 @@ class RunState:
                 )
         self.state = state
         done = int(info.get("round", 0))
+        if served is not None and (
+            set(served) != set(state) or any(served[k].shape != state[k].shape for k in state)
+        ):  # a damaged or foreign checkpoint: refused at start, not after a round's training
+            raise FedgeError(
+                f"checkpoint {path}: its served average does not match its global state (keys or "
+                "shapes differ): the file is damaged or was not written by fedge"
+            )
         if self.run.served_average > 0:
-            if served is not None and set(served) == set(state):
+            if served is not None:
                 self.served = served
             elif done > 0:  # a checkpoint of a run that served its latest state: the average starts here
                 self.served = {k: np.array(v, copy=True) for k, v in state.items()}

@@ -82,6 +82,21 @@ def test_the_checkpoint_carries_the_average_and_a_resumed_run_continues_it(tmp_p
     np.testing.assert_allclose(resumed.served_state[key], start[key] + 3.5, atol=1e-5)
 
 
+def test_a_checkpoint_whose_served_average_does_not_match_is_refused_at_start(tmp_path: Path) -> None:
+    from federation.checkpoint import load_checkpoint, save_checkpoint
+    from federation.served_average import SERVED_PREFIX
+
+    fed = _run(tmp_path)
+    fed.advance(_moved(fed.state, 1.0))
+    fed.write(MetricsEntry(round=1, eval={}, federated={}, wall_seconds=1.0))
+    arrays, info = load_checkpoint(tmp_path / "checkpoint.safetensors")
+    key = next(k for k in arrays if k.startswith(SERVED_PREFIX))
+    arrays[key] = np.zeros(arrays[key].size + 1, dtype=arrays[key].dtype)  # a served array reshaped
+    save_checkpoint(tmp_path, arrays, info)
+    with pytest.raises(FedgeError, match="served average does not match its global state"):
+        _run(tmp_path, **{"initial-checkpoint": str(tmp_path / "checkpoint.safetensors")})
+
+
 def test_the_export_is_the_served_model(tmp_path: Path) -> None:
     from safetensors.numpy import load_file
 
