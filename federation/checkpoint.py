@@ -29,6 +29,16 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
+def split_prefixed(
+    checkpoint: Mapping[str, np.ndarray], prefix: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A checkpoint's arrays as (those without `prefix`, those with it, the prefix removed): how
+    the global state and the server's own arrays (optimizer moments, served average) share a file."""
+    rest = {k: v for k, v in checkpoint.items() if not k.startswith(prefix)}
+    part = {k[len(prefix) :]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+    return rest, part
+
+
 def save_checkpoint(directory: Path, state: Mapping[str, np.ndarray], info: Mapping[str, Any]) -> Path:
     """Write `checkpoint.safetensors` + `checkpoint.json`; returns the safetensors path."""
     from safetensors.numpy import save_file

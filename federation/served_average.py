@@ -31,6 +31,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from federation.checkpoint import split_prefixed
+
 SERVED_PREFIX = "served/"
 """Checkpoint keys of the served average (after the global state's and the server optimizer's)."""
 
@@ -68,6 +70,5 @@ def split_served(
     checkpoint: Mapping[str, np.ndarray],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
     """A checkpoint's arrays as (the rest, the served average without its prefix, or None)."""
-    rest = {k: v for k, v in checkpoint.items() if not k.startswith(SERVED_PREFIX)}
-    served = {k[len(SERVED_PREFIX) :]: v for k, v in checkpoint.items() if k.startswith(SERVED_PREFIX)}
+    rest, served = split_prefixed(checkpoint, SERVED_PREFIX)
     return rest, served or None

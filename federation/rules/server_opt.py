@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from federation.checkpoint import split_prefixed
+
 OPTIMIZERS = ("none", "fedavgm", "fedadam")
 STATE_PREFIX = "server-opt/"
 
@@ -109,6 +111,4 @@ def split_server_opt(
     checkpoint: Mapping[str, np.ndarray],
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A checkpoint's arrays as (global state, server optimizer state without its prefix)."""
-    state = {k: v for k, v in checkpoint.items() if not k.startswith(STATE_PREFIX)}
-    opt = {k[len(STATE_PREFIX) :]: v for k, v in checkpoint.items() if k.startswith(STATE_PREFIX)}
-    return state, opt
+    return split_prefixed(checkpoint, STATE_PREFIX)
