@@ -1,9 +1,12 @@
 """References for a federated run, scored on the same held-out data as the run itself.
 
 - **pretrained**: the model at round 0 (B = 0, seeded heads), before any training.
-- **centralized** (the upper bound): one LoRA model trained on the *pooled* training splits of
-  the fleet's devices of a task, for the same total training examples the federated run plans
-  (`planned_examples`), at the run's learning rates and r_max; no federation, no privacy.
+- **centralized** (the upper bound): the same LoRA model trained on the *pooled* training splits
+  of the fleet's devices of a task, for the same total training examples the federated run plans
+  (`planned_examples`), at the run's learning rates and r_max; no federation, no privacy. A
+  personalised task keeps each client's private part while pooling (`Task.train_pooled`: the
+  TV trains one private part per viewer, centralized collaborative filtering), so that the
+  reference is the federated model trained centrally, not a different model.
 - **local-only**: every device of the fleet trains its own model alone (at its tier's rank and
   batch) on its own training split, for an even share of those examples
   (`local_steps_per_device`); each is scored on its own held-out split and the sums are added,
@@ -68,28 +71,6 @@ def local_steps_per_device(class_examples: int, devices: int, batch_size: int) -
     if devices < 1 or batch_size < 1:
         raise ValueError(f"need >= 1 device and batch, got {devices}, {batch_size}")
     return max(1, round(class_examples / devices / batch_size))
-
-
-def pool(data: Sequence[Any], client_id: str = "pooled") -> Any:
-    """One client holding every client's examples: each tensor field of the task's data
-    dataclass concatenated along its rows (train with train, held-out with held-out)."""
-    if not data:
-        raise ValueError("nothing to pool")
-    first = data[0]
-    if not dataclasses.is_dataclass(first):
-        raise FedgeError(f"cannot pool a {type(first).__name__}: a task's client data must be a dataclass")
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(first):
-        value = getattr(first, f.name)
-        if isinstance(value, torch.Tensor):
-            fields[f.name] = torch.cat([getattr(d, f.name) for d in data])
-        elif isinstance(value, np.ndarray):
-            fields[f.name] = np.concatenate([getattr(d, f.name) for d in data])
-        elif isinstance(value, str):
-            fields[f.name] = client_id
-        else:
-            fields[f.name] = value
-    return type(first)(**fields)
 
 
 # -- the fleet of a task ---------------------------------------------------------------------
@@ -186,21 +167,22 @@ def pretrained(run: RunConfig, task: str) -> TaskReference:
 
 
 def centralized(run: RunConfig, task: str) -> TaskReference:
-    """One r_max model trained on the pooled training splits of the task's fleet, for the
-    federated run's planned examples at the run's batch size and learning rates."""
+    """One r_max model trained on the pooled training splits of the task's fleet
+    (`Task.train_pooled`), for the federated run's planned examples at the run's batch size and
+    learning rates."""
     from federation.model.edge import build_task_model
 
     start = time.perf_counter()
     devices = task_devices(run, task)
     examples = sum(task_examples(run, task, devices).values())
     steps = centralized_steps(examples, run.train.batch_size)
-    pooled = pool([load_device_data(d, run.seed, run.seq_len, run.cache_dir) for d in devices])
+    data = [load_device_data(d, run.seed, run.seq_len, run.cache_dir) for d in devices]
     model = build_task_model(task, run.lora, run.seed, run=run)
     model.load_shared_state(initial_shared(run, task))
     seed = stable_seed("centralized", run.seed, task)
     torch.manual_seed(seed)
     settings = dataclasses.replace(run.train, steps=steps)
-    get_task(task).train(model, pooled, settings, seed, client_id="pooled", run=run, private=None)
+    get_task(task).train_pooled(model, data, settings, seed, run=run)
     shared = model.shared_state()
     ev, fed = score(run, task, devices, lambda _d: shared, lambda _d: None, shared)
     return TaskReference(

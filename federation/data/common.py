@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from federation.errors import MissingPackageError
+from federation.errors import FedgeError, MissingPackageError
 
 
 def cache_dir(override: str | os.PathLike[str] | None = None) -> Path:
@@ -59,3 +61,25 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
     n_test = round(n * test_fraction)
     n_test = min(max(n_test, 1), n - 1) if n >= 2 else 0
     return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def pool(data: Sequence[Any], client_id: str = "pooled") -> Any:
+    """One client holding every client's examples: each tensor field of the task's data
+    dataclass concatenated along its rows (train with train, held-out with held-out)."""
+    if not data:
+        raise ValueError("nothing to pool")
+    first = data[0]
+    if not dataclasses.is_dataclass(first):
+        raise FedgeError(f"cannot pool a {type(first).__name__}: a task's client data must be a dataclass")
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(first):
+        value = getattr(first, f.name)
+        if isinstance(value, torch.Tensor):
+            fields[f.name] = torch.cat([getattr(d, f.name) for d in data])
+        elif isinstance(value, np.ndarray):
+            fields[f.name] = np.concatenate([getattr(d, f.name) for d in data])
+        elif isinstance(value, str):
+            fields[f.name] = client_id
+        else:
+            fields[f.name] = value
+    return type(first)(**fields)

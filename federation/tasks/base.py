@@ -119,6 +119,18 @@ class Task(ABC):
         """Local training from the loaded shared state; returns the result and the device's new
         private part (None for a wholly shared model)."""
 
+    def train_pooled(
+        self, model: TaskModel, data: Sequence[Any], settings: TrainSettings, seed: int, *, run: RunConfig
+    ) -> TrainResult:
+        """The centralized reference's training: the same model on every client's training split
+        together, no federation. The default pools the clients into one (`pool`: each tensor
+        field concatenated) and trains it as one client. A personalised task overrides it so
+        that each client's examples keep their own private part: the model the federated run
+        trains, trained centrally, which is what bounds it (the TV task)."""
+        from federation.data.common import pool
+
+        return self.train(model, pool(data), settings, seed, client_id="pooled", run=run, private=None)[0]
+
     @abstractmethod
     def evaluate(
         self, model: TaskModel, data: Any, *, client_id: str, run: RunConfig, private: np.ndarray | None

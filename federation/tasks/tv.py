@@ -82,6 +82,10 @@ class TVModel(TaskModel):
         """Logit of "liked" given item embeddings [N, d+1] and the private user part [d+1]."""
         return items[:, :-1] @ user[:-1] + items[:, -1] + user[-1] + self.head.global_bias
 
+    def score_rows(self, items: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """`score` with one private part per row: item embeddings [N, d+1], users [N, d+1]."""
+        return (items[:, :-1] * users[:, :-1]).sum(-1) + items[:, -1] + users[:, -1] + self.head.global_bias
+
     def new_private(self, client_id: str, seed: int) -> torch.Tensor:
         """A viewer's fresh private part: a small random vector and a zero bias."""
         gen = torch.Generator().manual_seed(stable_seed("tv-private", seed, client_id))
@@ -160,6 +164,48 @@ def train_tv(
         extra_optimizers=[torch.optim.Adam([user], lr=settings.private_lr)], start=start,
     )  # fmt: skip
     return result, user.detach()
+
+
+def train_tv_pooled(
+    model: TVModel,
+    privates: torch.Tensor,
+    viewer: torch.Tensor,
+    items: torch.Tensor,
+    labels: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    settings: TrainSettings,
+    seed: int,
+) -> tuple[TrainResult, torch.Tensor]:
+    """Centralized collaborative filtering of the same model: every viewer's ratings pooled
+    (`viewer[i]` is rating i's row of `privates` [V, d+1]), each rating scored with its own
+    viewer's private part. As a TV does in a round, each viewer's part is first fit to their
+    ratings with the shared side fixed (`personalize_tv`), then all are trained jointly with the
+    shared side. Returns the trained private parts.
+
+    This is the federated model's upper bound. Pooling the viewers into one instead (the task
+    default) trains one private part for everyone: a different model, fit to a new viewer's
+    objective (the cold start) and blind to who rated what."""
+    model.eval()
+    start = time.perf_counter()
+    emb = _item_embeddings(model, items, tokens, mask)
+    fitted = [
+        personalize_tv(model, privates[v], emb[viewer == v], labels[viewer == v], settings.private_l2)
+        for v in range(len(privates))
+    ]
+    users = torch.stack(fitted).requires_grad_(True)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        batch_emb = model.item_embedding(tokens[items[idx]], mask[items[idx]])
+        return nn.functional.binary_cross_entropy_with_logits(
+            model.score_rows(batch_emb, users[viewer[idx]]), labels[idx]
+        )
+
+    result = train_steps(
+        model, len(items), batch_loss, settings, seed,
+        extra_optimizers=[torch.optim.Adam([users], lr=settings.private_lr)], start=start,
+    )  # fmt: skip
+    return result, users.detach()
 
 
 @torch.no_grad()
@@ -290,6 +336,27 @@ class TVTask(Task):
             model, user, data.train_items, data.train_labels, tokens, mask, settings, seed  # type: ignore[arg-type]
         )  # fmt: skip
         return result, user.numpy()
+
+    def train_pooled(
+        self, model: TaskModel, data: Sequence[Any], settings: TrainSettings, seed: int, *, run: RunConfig
+    ) -> TrainResult:
+        """Every viewer's ratings together, each viewer with their own private part
+        (`train_tv_pooled`): the federated model trained centrally."""
+        tokens, mask = _item_tokens(run.cache_dir)
+        privates = torch.stack([_private(model, d.client_id, run.seed, None) for d in data])  # type: ignore[arg-type]
+        viewer = torch.cat([torch.full((len(d.train_items),), v) for v, d in enumerate(data)]).long()
+        result, _ = train_tv_pooled(
+            model,  # type: ignore[arg-type]
+            privates,
+            viewer,
+            torch.cat([d.train_items for d in data]),
+            torch.cat([d.train_labels for d in data]),
+            tokens,
+            mask,
+            settings,
+            seed,
+        )
+        return result
 
     def evaluate(
         self, model: TaskModel, data: Any, *, client_id: str, run: RunConfig, private: np.ndarray | None

@@ -1,0 +1,117 @@
+"""The centralized reference's training (`Task.train_pooled`): the default pools every client
+into one (`federation.data.common.pool`); the TV, a personalised task, keeps each viewer's own
+private part while pooling their ratings (`federation.tasks.tv.train_tv_pooled`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from federation.config import RunConfig
+from federation.data.common import pool
+from federation.errors import FedgeError
+from federation.model.edge import build_task_model
+from federation.tasks.tv import TVModel, _item_tokens, personalize_tv, train_tv_pooled
+from federation.training import TrainSettings
+
+
+@dataclass(frozen=True)
+class _Client:
+    client_id: str
+    x: torch.Tensor
+    y: np.ndarray
+    classes: int
+
+
+def test_pool_concatenates_every_row_field_and_names_the_pooled_client() -> None:
+    a = _Client("a", torch.arange(6).reshape(3, 2), np.array([1, 2, 3]), 7)
+    b = _Client("b", torch.arange(6, 10).reshape(2, 2), np.array([4, 5]), 7)
+    pooled = pool([a, b])
+    assert pooled.client_id == "pooled"
+    assert torch.equal(pooled.x, torch.arange(10).reshape(5, 2))
+    assert pooled.y.tolist() == [1, 2, 3, 4, 5]
+    assert pooled.classes == 7  # not a row field: kept as the first client's
+
+
+def test_pool_refuses_nothing_and_data_that_is_not_a_dataclass() -> None:
+    with pytest.raises(ValueError, match="nothing to pool"):
+        pool([])
+    with pytest.raises(FedgeError, match="must be a dataclass"):
+        pool([{"x": torch.zeros(1)}])
+
+
+@contextmanager
+def _no_dropout(model: nn.Module) -> Iterator[None]:
+    """MiniLM's dropout off while the test runs, so that a training step's loss is exact."""
+    saved = [(m, m.p) for m in model.modules() if isinstance(m, nn.Dropout)]
+    for m, _ in saved:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in saved:
+            m.p = p
+
+
+def test_tv_pooled_training_scores_each_rating_with_its_own_viewers_part() -> None:
+    run = RunConfig.parse({"scenario": "smart-home"})
+    model = build_task_model("tv", run.lora, run.seed, run=run)
+    assert isinstance(model, TVModel)
+    tokens, mask = _item_tokens(run.cache_dir)
+    # two viewers who rated the same 20 titles and disagree on every one
+    items = torch.arange(40, 60).repeat(2)
+    taste = (torch.arange(20) % 3 == 0).float()
+    labels = torch.cat([taste, 1.0 - taste])
+    viewer = torch.cat([torch.zeros(20), torch.ones(20)]).long()
+    starts = torch.stack([model.new_private("a", 0), model.new_private("b", 0)])
+    settings = TrainSettings(steps=1, batch_size=40, private_l2=1.0)
+    # each viewer's own fit against the untrained item side: what the first step must score with
+    with torch.no_grad():
+        emb = model.item_embedding(tokens[items], mask[items])
+    own = torch.stack(
+        [personalize_tv(model, starts[v], emb[viewer == v], labels[viewer == v], 1.0) for v in (0, 1)]
+    )
+    with torch.no_grad():
+        expected = nn.functional.binary_cross_entropy_with_logits(model.score_rows(emb, own[viewer]), labels)
+        one_part = nn.functional.binary_cross_entropy_with_logits(
+            model.score_rows(emb, own[viewer * 0]), labels
+        )
+    assert float(one_part) > float(expected) + 0.05  # the check below can tell the two apart
+
+    with _no_dropout(model):
+        result, users = train_tv_pooled(model, starts, viewer, items, labels, tokens, mask, settings, seed=0)
+    assert result.num_examples == 40
+    assert result.loss == pytest.approx(float(expected), abs=1e-4)
+    # the parts come back one per viewer, moved by one joint step from their own fits
+    assert users.shape == starts.shape
+    assert torch.allclose(users, own, atol=0.05)
+    assert not torch.allclose(users[0], users[1], atol=0.05)
+
+
+def test_the_tv_centralized_reference_trains_one_private_part_per_viewer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import federation.tasks.tv as tv
+    from federation.references import centralized, task_devices
+
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = tv.train_tv_pooled
+
+    def spy(model: TVModel, privates: torch.Tensor, viewer: torch.Tensor, *args: object, **kw: object):  # type: ignore[no-untyped-def]
+        calls.append((privates, viewer))
+        return real(model, privates, viewer, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tv, "train_tv_pooled", spy)
+    run = RunConfig.parse({"scenario": "smart-home", "num-rounds": 1})
+    ref = centralized(run, "tv")
+    viewers = task_devices(run, "tv")
+    ((privates, viewer),) = calls
+    assert len(privates) == len(viewers) == 10
+    assert sorted(set(viewer.tolist())) == list(range(10))  # every viewer's ratings, each their own row
+    assert ref.steps["pooled"] >= 1 and ref.eval["auc"] > 0.5 and "viewer_auc" in ref.federated
