@@ -147,23 +147,11 @@ def train_tv(
     settings: TrainSettings,
     seed: int,
 ) -> tuple[TrainResult, torch.Tensor]:
-    """Personalise, then train shared side and private part jointly. Returns the new private part."""
-    model.eval()
-    start = time.perf_counter()
-    user = personalize_tv(
-        model, private, _item_embeddings(model, items, tokens, mask), labels, settings.private_l2
-    )
-    user.requires_grad_(True)
-
-    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        emb = model.item_embedding(tokens[items[idx]], mask[items[idx]])
-        return nn.functional.binary_cross_entropy_with_logits(model.score(emb, user), labels[idx])
-
-    result = train_steps(
-        model, len(items), batch_loss, settings, seed,
-        extra_optimizers=[torch.optim.Adam([user], lr=settings.private_lr)], start=start,
-    )  # fmt: skip
-    return result, user.detach()
+    """A TV's round: personalise, then train shared side and private part jointly (one viewer's
+    `train_tv_pooled`). Returns the new private part."""
+    viewer = torch.zeros(len(items), dtype=torch.long)
+    result, users = train_tv_pooled(model, private[None], viewer, items, labels, tokens, mask, settings, seed)
+    return result, users[0]
 
 
 def train_tv_pooled(
