@@ -137,23 +137,6 @@ def _item_embeddings(
     return torch.cat(out) if out else torch.zeros(0, model.user_dim + 1)
 
 
-def train_tv(
-    model: TVModel,
-    private: torch.Tensor,
-    items: torch.Tensor,
-    labels: torch.Tensor,
-    tokens: torch.Tensor,
-    mask: torch.Tensor,
-    settings: TrainSettings,
-    seed: int,
-) -> tuple[TrainResult, torch.Tensor]:
-    """A TV's round: personalise, then train shared side and private part jointly (one viewer's
-    `train_tv_pooled`). Returns the new private part."""
-    viewer = torch.zeros(len(items), dtype=torch.long)
-    result, users = train_tv_pooled(model, private[None], viewer, items, labels, tokens, mask, settings, seed)
-    return result, users[0]
-
-
 def train_tv_pooled(
     model: TVModel,
     privates: torch.Tensor,
@@ -167,9 +150,9 @@ def train_tv_pooled(
 ) -> tuple[TrainResult, torch.Tensor]:
     """Centralized collaborative filtering of the same model: every viewer's ratings pooled
     (`viewer[i]` is rating i's row of `privates` [V, d+1]), each rating scored with its own
-    viewer's private part. As a TV does in a round, each viewer's part is first fit to their
-    ratings with the shared side fixed (`personalize_tv`), then all are trained jointly with the
-    shared side. Returns the trained private parts.
+    viewer's private part: each viewer's part is first fit to their ratings with the shared side
+    fixed (`personalize_tv`), then all are trained jointly with the shared side. Returns the
+    trained private parts. A TV's round is this for its one viewer (`TVTask.train`).
 
     This is the federated model's upper bound. Pooling the viewers into one instead (the task
     default) trains one private part for everyone: a different model, fit to a new viewer's
@@ -320,9 +303,13 @@ class TVTask(Task):
     ) -> tuple[TrainResult, np.ndarray | None]:
         tokens, mask = _item_tokens(run.cache_dir)
         user = _private(model, client_id, run.seed, private)  # type: ignore[arg-type]
-        result, user = train_tv(
-            model, user, data.train_items, data.train_labels, tokens, mask, settings, seed  # type: ignore[arg-type]
+        # one viewer's pooled training: their part fit, then trained jointly with the shared side
+        items, labels = data.train_items, data.train_labels
+        viewer = torch.zeros(len(items), dtype=torch.long)
+        result, users = train_tv_pooled(
+            model, user[None], viewer, items, labels, tokens, mask, settings, seed  # type: ignore[arg-type]
         )  # fmt: skip
+        user = users[0]
         return result, user.numpy()
 
     def train_pooled(
