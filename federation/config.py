@@ -157,9 +157,11 @@ class RunConfig:
         return max(1, min(int(self.max_weight), max(bounds, default=int(self.max_weight))))
 
     def train_for(self, device_class: str) -> TrainSettings:
-        """Local work of one device class: the scenario's steps unless local-steps is set."""
+        """Local work of one device class: the scenario's steps unless local-steps is set, and
+        the scenario's head learning rate for the class where it names one (else head-lr)."""
         steps = self.local_steps or self.scenario.local_steps.get(device_class, self.train.steps)
-        return replace(self.train, steps=steps)
+        head_lr = self.scenario.head_lr.get(device_class, self.train.head_lr)
+        return replace(self.train, steps=steps, head_lr=head_lr)
 
     @classmethod
     def parse(cls, cfg: Mapping[str, Any], source: ConfigSource = FLWR_RUN) -> RunConfig:

@@ -181,7 +181,9 @@ def centralized(run: RunConfig, task: str) -> TaskReference:
     model.load_shared_state(initial_shared(run, task))
     seed = stable_seed("centralized", run.seed, task)
     torch.manual_seed(seed)
-    settings = dataclasses.replace(run.train, steps=steps)
+    # the learning rates of the task's (first) device class: a scenario may set a class's head lr
+    classes = _classes(run, task)
+    settings = dataclasses.replace(run.train_for(classes[0]) if classes else run.train, steps=steps)
     get_task(task).train_pooled(model, data, settings, seed, run=run)
     shared = model.shared_state()
     ev, fed = score(run, task, devices, lambda _d: shared, lambda _d: None, shared)

@@ -238,6 +238,9 @@ def test_unknown_classes_and_redefinitions_are_refused(tmp_path: Path) -> None:
         ("rounds = 1", "rounds = 1\ncolour = 'red'", "unknown key `colour` in [scenario]"),
         ("device_clock = false", "device_clock = 0", "`device_clock` must be true or false"),
         ('name = "bad"', "", "missing 1 required positional argument: 'name'"),
+        ("rounds = 1", "rounds = 1\nhead_lr = { watch = 0.001 }", "head_lr names `watch`, not a class"),
+        ("rounds = 1", "rounds = 1\nhead_lr = { slate = 0 }", "head_lr of `slate` must be a number > 0"),
+        ("rounds = 1", "rounds = 1\nhead_lr = 0.001", "`head_lr` must be a table"),
     ],
 )
 def test_a_malformed_scenario_file_is_refused_naming_the_key(
@@ -249,6 +252,16 @@ def test_a_malformed_scenario_file_is_refused_naming_the_key(
     with pytest.raises(FedgeError) as info:
         load_scenario_file(tmp_path / "bad.toml")
     assert words in str(info.value) and "bad.toml" in str(info.value)
+
+
+def test_a_scenario_file_sets_a_class_its_own_head_learning_rate(tmp_path: Path) -> None:
+    text = _scenario_file(tmp_path, "slate", "phone", name="slates").read_text()
+    (tmp_path / "slates.toml").write_text(
+        text.replace("rounds = 1", "rounds = 1\nhead_lr = { slate = 0.0005 }")
+    )
+    run = RunConfig.parse({"scenario": str(tmp_path / "slates.toml"), "head-lr": 0.002})
+    assert run.train_for("slate").head_lr == pytest.approx(0.0005)
+    assert run.train.head_lr == pytest.approx(0.002)  # what a class the scenario does not name gets
 
 
 def test_a_class_must_name_its_task_at_class_level(tmp_path: Path) -> None:
