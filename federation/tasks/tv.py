@@ -80,7 +80,7 @@ class TVModel(TaskModel):
 
     def score(self, items: torch.Tensor, user: torch.Tensor) -> torch.Tensor:
         """Logit of "liked" given item embeddings [N, d+1] and the private user part [d+1]."""
-        return items[:, :-1] @ user[:-1] + items[:, -1] + user[-1] + self.head.global_bias
+        return self.score_rows(items, user.expand(len(items), -1))
 
     def score_rows(self, items: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         """`score` with one private part per row: item embeddings [N, d+1], users [N, d+1]."""
