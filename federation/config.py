@@ -16,6 +16,7 @@ from typing import Any
 from federation.defaults import run_defaults
 from federation.errors import FedgeError
 from federation.model.lora import LoraSettings
+from federation.optimizers import check_optimizer
 from federation.rules import Rule, get_rule
 from federation.rules.server_opt import ServerOptimizer
 from federation.scenarios import Scenario, get_scenario
@@ -158,10 +159,16 @@ class RunConfig:
 
     def train_for(self, device_class: str) -> TrainSettings:
         """Local work of one device class: the scenario's steps unless local-steps is set, and
-        the scenario's head learning rate for the class where it names one (else head-lr)."""
-        steps = self.local_steps or self.scenario.local_steps.get(device_class, self.train.steps)
-        head_lr = self.scenario.head_lr.get(device_class, self.train.head_lr)
-        return replace(self.train, steps=steps, head_lr=head_lr)
+        the scenario's local optimizer, lr and head lr for the class where it names them (else
+        the run's local-optimizer, lr and head-lr)."""
+        scenario = self.scenario
+        return replace(
+            self.train,
+            steps=self.local_steps or scenario.local_steps.get(device_class, self.train.steps),
+            optimizer=scenario.optimizer.get(device_class, self.train.optimizer),
+            lr=scenario.lr.get(device_class, self.train.lr),
+            head_lr=scenario.head_lr.get(device_class, self.train.head_lr),
+        )
 
     @classmethod
     def parse(cls, cfg: Mapping[str, Any], source: ConfigSource = FLWR_RUN) -> RunConfig:
@@ -182,6 +189,9 @@ class RunConfig:
                 f"run config lora-targets={targets} must be among {sorted(known_targets)}: "
                 f"{source.fix('lora-targets')}"
             )
+        local_optimizer = _get(cfg, "local-optimizer", str)
+        if (why := check_optimizer(local_optimizer)) is not None:
+            raise FedgeError(f"run config local-optimizer {why}: {source.fix('local-optimizer')}")
         try:
             lora = LoraSettings(
                 rank=_get(cfg, "lora-rank", int, "positive"),
@@ -196,6 +206,7 @@ class RunConfig:
                 private_lr=_get(cfg, "private-lr", float, "positive"),
                 private_l2=_get(cfg, "private-l2", float, "positive"),
                 absent_class_scale=_get(cfg, "absent-class-scale", float, "nonneg"),
+                optimizer=local_optimizer,
             )
         except ValueError as exc:
             raise FedgeError(f"run config: {exc}") from None

@@ -1,6 +1,6 @@
 """On-device training and evaluation helpers every task uses: plain torch, no Flower.
 
-The local-work settings, the optimizers (LoRA-FA on B, AdamW on heads), batch sampling, and a
+The local-work settings, the optimizers (by name: `federation.optimizers`), batch sampling, and a
 ready classifier trainer / evaluator; each task's own training lives in its module of
 `federation.tasks`. Every function takes a task model whose shared state the caller has set, the
 device's own data, and explicit settings, and returns plain numbers. Evaluation returns *sums*
@@ -22,6 +22,7 @@ from torch import nn
 from federation.data.common import stable_seed
 from federation.defaults import run_default
 from federation.model.edge import TaskModel
+from federation.optimizers import LOCAL_OPTIMIZERS, check_optimizer
 
 AUC_BINS = 200  # histogram bins for the federated AUC: error <= 1/AUC_BINS-ish, summable
 EVAL_BATCH = 64
@@ -40,6 +41,8 @@ class TrainSettings:
     private_l2: float = field(default_factory=lambda: run_default("private-l2"))
     # classifiers under label skew (the sensor): FedRS's alpha, see `train_classifier`
     absent_class_scale: float = field(default_factory=lambda: run_default("absent-class-scale"))
+    # what the steps update the LoRA matrices and heads with (federation.optimizers)
+    optimizer: str = field(default_factory=lambda: run_default("local-optimizer"))
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -50,6 +53,8 @@ class TrainSettings:
             raise ValueError(f"private-l2 must be > 0, got {self.private_l2}")
         if not 0.0 <= self.absent_class_scale <= 1.0:
             raise ValueError(f"absent-class-scale must be in [0, 1], got {self.absent_class_scale}")
+        if (why := check_optimizer(self.optimizer)) is not None:
+            raise ValueError(f"local-optimizer {why}")
 
 
 @dataclass(frozen=True)
@@ -60,33 +65,9 @@ class TrainResult:
 
 
 def _optimizers(model: TaskModel, settings: TrainSettings) -> list[torch.optim.Optimizer]:
-    """LoRA-FA for B where A is a matrix (Linear layers); AdamW for B of Conv LoRA and heads.
-    A rule that trains A, or asks for plain AdamW (`federation.rules.Adapter.lora_fa`), gets
-    AdamW on every LoRA matrix it trains.
-
-    peft's LoRA-FA projects B's gradient with (A A^T)^-1, written for 2-D A; a Conv1d LoRA's A
-    is [r, in, k], so the sensor's B is trained with plain AdamW (A is frozen either way).
-    """
-    from peft.optimizers import create_lorafa_optimizer
-
-    lora_config = model.backbone.peft_config["default"]
-    head = torch.optim.AdamW(model.head.parameters(), lr=settings.head_lr, weight_decay=0.0)
-    linear_a = all(p.ndim == 2 for n, p in model.backbone.named_parameters() if ".lora_A." in n)
-    if not model.adapter.lora_fa:  # the run's rule trains A too, or asks for plain AdamW on B
-        trained = [
-            p
-            for n, p in model.backbone.named_parameters()
-            if ".lora_B." in n or (model.adapter.train_a and ".lora_A." in n)
-        ]
-        lora = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
-    elif linear_a:
-        lora = create_lorafa_optimizer(
-            model.backbone, r=lora_config.r, lora_alpha=lora_config.lora_alpha, lr=settings.lr
-        )
-    else:
-        b_params = [p for n, p in model.backbone.named_parameters() if ".lora_B." in n]
-        lora = torch.optim.AdamW(b_params, lr=settings.lr, weight_decay=0.0)
-    return [lora, head]
+    """The device's optimizers for the LoRA matrices and heads: `settings.optimizer`'s builder
+    (`federation.optimizers.LOCAL_OPTIMIZERS`)."""
+    return LOCAL_OPTIMIZERS[settings.optimizer](model, settings)
 
 
 def _batches(n: int, settings: TrainSettings, seed: int) -> list[torch.Tensor]:

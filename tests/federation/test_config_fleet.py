@@ -47,25 +47,6 @@ def test_pyproject_run_config_parses_to_the_documented_defaults() -> None:
     assert run.seed == 0 and run.seq_len == 32 and run.tv_user_dim == 16
 
 
-def test_smart_home_trains_a_tvs_head_slower_than_the_runs_head_lr() -> None:
-    from federation.local import device_settings, task_model
-    from federation.training import _optimizers
-
-    run = RunConfig.parse({"head-lr": 0.002})
-    assert [run.train_for(c).head_lr for c in ("phone", "tv", "sensor")] == pytest.approx(
-        [0.002, 0.001, 0.002]
-    )
-    tv = next(
-        d for d in (device_for_partition(run.scenario, p, 0) for p in range(40)) if d.device_class == "tv"
-    )
-    settings = device_settings(run, tv)
-    model = task_model(run, "tv")
-    head = set(model.head.parameters())
-    (head_optimizer,) = [o for o in _optimizers(model, settings) if o.param_groups[0]["params"][0] in head]
-    # what the TV's local training steps its head with
-    assert head_optimizer.param_groups[0]["lr"] == pytest.approx(0.001)
-
-
 def test_overrides_are_applied() -> None:
     run = RunConfig.parse(
         {"scenario": "smoke", "num-rounds": 5, "local-steps": 2, "lora-targets": "query, key,dense", "lr": 1}

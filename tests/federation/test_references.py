@@ -101,12 +101,12 @@ def test_the_tv_centralized_reference_trains_one_private_part_per_viewer(
     from federation.references import centralized, task_devices
 
     calls: list[tuple[torch.Tensor, torch.Tensor]] = []
-    rates: list[float] = []
+    used: list[TrainSettings] = []
     real = tv.train_tv_pooled
 
     def spy(model: TVModel, privates: torch.Tensor, viewer: torch.Tensor, *args: object, **kw: object):  # type: ignore[no-untyped-def]
         calls.append((privates, viewer))
-        rates.append(args[-2].head_lr)  # type: ignore[attr-defined]  # (..., settings, seed)
+        used.append(args[-2])  # type: ignore[arg-type]  # (..., settings, seed)
         return real(model, privates, viewer, *args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(tv, "train_tv_pooled", spy)
@@ -116,5 +116,17 @@ def test_the_tv_centralized_reference_trains_one_private_part_per_viewer(
     ((privates, viewer),) = calls
     assert len(privates) == len(viewers) == 10
     assert sorted(set(viewer.tolist())) == list(range(10))  # every viewer's ratings, each their own row
-    assert rates == [pytest.approx(run.train_for("tv").head_lr)] and rates[0] < run.train.head_lr
+    # trained as the TV class trains (the scenario's optimizer and rates), not as the run's default
+    ((settings,),) = [used]
+    tv_class = run.train_for("tv")
+    assert (settings.optimizer, settings.lr, settings.head_lr) == (
+        tv_class.optimizer,
+        tv_class.lr,
+        tv_class.head_lr,
+    )
+    assert (settings.optimizer, settings.lr, settings.head_lr) != (
+        run.train.optimizer,
+        run.train.lr,
+        run.train.head_lr,
+    )
     assert ref.steps["pooled"] >= 1 and ref.eval["auc"] > 0.5 and "viewer_auc" in ref.federated

@@ -241,6 +241,12 @@ def test_unknown_classes_and_redefinitions_are_refused(tmp_path: Path) -> None:
         ("rounds = 1", "rounds = 1\nhead_lr = { watch = 0.001 }", "head_lr names `watch`, not a class"),
         ("rounds = 1", "rounds = 1\nhead_lr = { slate = 0 }", "head_lr of `slate` must be a number > 0"),
         ("rounds = 1", "rounds = 1\nhead_lr = 0.001", "`head_lr` must be a table"),
+        (
+            "rounds = 1",
+            "rounds = 1\noptimizer = { slate = 'adam' }",
+            "optimizer of `slate` must be one of adamw, sgd",
+        ),
+        ("rounds = 1", "rounds = 1\nlr = { slate = -1 }", "lr of `slate` must be a number > 0"),
     ],
 )
 def test_a_malformed_scenario_file_is_refused_naming_the_key(
@@ -254,14 +260,15 @@ def test_a_malformed_scenario_file_is_refused_naming_the_key(
     assert words in str(info.value) and "bad.toml" in str(info.value)
 
 
-def test_a_scenario_file_sets_a_class_its_own_head_learning_rate(tmp_path: Path) -> None:
+def test_a_scenario_file_sets_a_class_its_own_optimizer_and_learning_rates(tmp_path: Path) -> None:
     text = _scenario_file(tmp_path, "slate", "phone", name="slates").read_text()
-    (tmp_path / "slates.toml").write_text(
-        text.replace("rounds = 1", "rounds = 1\nhead_lr = { slate = 0.0005 }")
-    )
+    own = "optimizer = { slate = 'sgd' }\nlr = { slate = 2 }\nhead_lr = { slate = 0.0005 }"
+    (tmp_path / "slates.toml").write_text(text.replace("rounds = 1", "rounds = 1\n" + own))
     run = RunConfig.parse({"scenario": str(tmp_path / "slates.toml"), "head-lr": 0.002})
-    assert run.train_for("slate").head_lr == pytest.approx(0.0005)
-    assert run.train.head_lr == pytest.approx(0.002)  # what a class the scenario does not name gets
+    slate = run.train_for("slate")
+    assert (slate.optimizer, slate.lr, slate.head_lr) == ("sgd", 2.0, pytest.approx(0.0005))
+    # what a class the scenario does not name gets: the run's
+    assert (run.train.optimizer, run.train.head_lr) == ("adamw", pytest.approx(0.002))
 
 
 def test_a_class_must_name_its_task_at_class_level(tmp_path: Path) -> None:
