@@ -19,17 +19,23 @@ device's held-out split (`federation.local.local_evaluate`) for the `federated` 
 reference is written in a run's format (`reference_entries`: metrics.jsonl lines, round 0 and
 round N), so reports read runs and references alike. No Flower here.
 
-The number of training examples is *nominal*: what the scenario plans (rounds x devices per
-round x local steps x batch); a federated run whose devices drop out or straggle trains fewer.
+The number of training examples is *nominal* by default: what the scenario plans (rounds x
+devices per round x local steps x batch); a federated run whose devices drop out, straggle or
+are not eligible trains fewer (the smart-home night lets 3-8 of the 8 planned watches train a
+round). Given the device-rounds a run actually aggregated per task (`trained_device_rounds`, from
+its metrics.jsonl; `fedge reference --examples-of RUN_DIR`), the plan is scaled to them
+(`task_examples(..., device_rounds=n)`): the same total training examples as that run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +63,44 @@ def planned_examples(
         raise ValueError(f"rounds must be >= 0, got {rounds}")
     total = sum(per_round[c] * steps[c] * batch[c] for c in per_round)
     return round(rounds * total)
+
+
+def trained_device_rounds(entries: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Device-rounds each task's aggregate took in a run: its round entries' `participants`
+    summed (round 0, the evaluation of the start, has none)."""
+    out: dict[str, int] = {}
+    for entry in entries:
+        for task, n in (entry.get("participants") or {}).items():
+            out[task] = out.get(task, 0) + int(n)
+    return out
+
+
+def read_trained_device_rounds(run_dir: Path, rounds: int) -> dict[str, int]:
+    """`trained_device_rounds` of the run in `run_dir` (its metrics.jsonl), which must have
+    finished `rounds` rounds: a reference for N rounds matches a run of N rounds."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FedgeError(
+            f"--examples-of {run_dir}: no metrics.jsonl there (a run's output folder has one)"
+        ) from None
+    try:
+        entries = [json.loads(line) for line in lines if line.strip()]
+        rounds_of = [int(e["round"]) for e in entries]
+        trained = trained_device_rounds(e for e, r in zip(entries, rounds_of, strict=True) if r > 0)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FedgeError(
+            f"--examples-of {run_dir}: metrics.jsonl is not a run's JSON lines ({type(exc).__name__}: {exc})"
+        ) from None
+    done = sorted({r for r in rounds_of if r > 0})
+    if done != list(range(1, rounds + 1)):
+        last = done[-1] if done else 0
+        raise FedgeError(
+            f"--examples-of {run_dir}: the run holds rounds 1..{last}, the reference is for {rounds} rounds "
+            f"(pass --rounds {last}, or finish the run with --resume)"
+        )
+    return trained
 
 
 def centralized_steps(examples: int, batch_size: int) -> int:
@@ -94,15 +138,29 @@ def _class_batch(run: RunConfig, devices: Sequence[Device], device_class: str) -
     return float(np.mean(sizes)) if sizes else float(run.train.batch_size)
 
 
-def task_examples(run: RunConfig, task: str, devices: Sequence[Device]) -> dict[str, int]:
-    """Planned training examples of the federated run per device class of `task`."""
-    out = {}
-    for c in _classes(run, task):
-        per_round = {c: min(run.scenario.per_round.get(c, 0), run.scenario.fleet[c])}
-        out[c] = planned_examples(
-            run.rounds, per_round, {c: run.train_for(c).steps}, {c: _class_batch(run, devices, c)}
+def task_examples(
+    run: RunConfig, task: str, devices: Sequence[Device], device_rounds: int | None = None
+) -> dict[str, int]:
+    """Planned training examples of the federated run per device class of `task`; given the
+    device-rounds a run of it aggregated, the plan scaled by their share of the planned
+    device-rounds (every class of the task alike)."""
+    classes = _classes(run, task)
+    per_round = {c: min(run.scenario.per_round.get(c, 0), run.scenario.fleet[c]) for c in classes}
+    out = {
+        c: planned_examples(
+            run.rounds, {c: per_round[c]}, {c: run.train_for(c).steps}, {c: _class_batch(run, devices, c)}
         )
-    return out
+        for c in classes
+    }
+    if device_rounds is None:
+        return out
+    planned = run.rounds * sum(per_round.values())
+    if device_rounds < 0 or device_rounds > planned:
+        raise FedgeError(
+            f"task {task!r}: {device_rounds} trained device-rounds, the plan has {planned} "
+            f"({run.rounds} rounds x {sum(per_round.values())} a round): not a run of this scenario"
+        )
+    return {c: round(n * device_rounds / planned) if planned else 0 for c, n in out.items()}
 
 
 # -- scoring ---------------------------------------------------------------------------------
@@ -157,7 +215,7 @@ class TaskReference:
     seconds: float
 
 
-def pretrained(run: RunConfig, task: str) -> TaskReference:
+def pretrained(run: RunConfig, task: str, device_rounds: int | None = None) -> TaskReference:
     """The start: round 0's model on the server's held-out set and on every device's own."""
     start = time.perf_counter()
     devices = task_devices(run, task)
@@ -166,15 +224,16 @@ def pretrained(run: RunConfig, task: str) -> TaskReference:
     return TaskReference(task, "pretrained", ev, fed, 0, {}, time.perf_counter() - start)
 
 
-def centralized(run: RunConfig, task: str) -> TaskReference:
+def centralized(run: RunConfig, task: str, device_rounds: int | None = None) -> TaskReference:
     """One r_max model trained on the pooled training splits of the task's fleet
-    (`Task.train_pooled`), for the federated run's planned examples at the run's batch size and
-    learning rates."""
+    (`Task.train_pooled`), for the federated run's planned examples (or those of
+    `device_rounds`, `task_examples`) at the run's batch size and the task's class's local
+    optimizer and learning rates."""
     from federation.model.edge import build_task_model
 
     start = time.perf_counter()
     devices = task_devices(run, task)
-    examples = sum(task_examples(run, task, devices).values())
+    examples = sum(task_examples(run, task, devices, device_rounds).values())
     steps = centralized_steps(examples, run.train.batch_size)
     data = [load_device_data(d, run.seed, run.seq_len, run.cache_dir) for d in devices]
     model = build_task_model(task, run.lora, run.seed, run=run)
@@ -193,14 +252,15 @@ def centralized(run: RunConfig, task: str) -> TaskReference:
     )  # fmt: skip
 
 
-def local_only(run: RunConfig, task: str) -> TaskReference:
+def local_only(run: RunConfig, task: str, device_rounds: int | None = None) -> TaskReference:
     """Every device alone: its own model from the pretrained start, an even share of its
-    class's planned examples, scored on its own held-out split (sums added over devices)."""
+    class's planned examples (or those of `device_rounds`), scored on its own held-out split
+    (sums added over devices)."""
     from federation.local import local_train
 
     start = time.perf_counter()
     devices = task_devices(run, task)
-    per_class = task_examples(run, task, devices)
+    per_class = task_examples(run, task, devices, device_rounds)
     initial = initial_shared(run, task)
     shared: dict[str, dict[str, np.ndarray]] = {}
     private: dict[str, np.ndarray | None] = {}
@@ -223,15 +283,21 @@ def local_only(run: RunConfig, task: str) -> TaskReference:
     return TaskReference(task, "local-only", {}, fed, examples, steps, time.perf_counter() - start)
 
 
-REFERENCES: dict[str, Callable[[RunConfig, str], TaskReference]] = {
+REFERENCES: dict[str, Callable[[RunConfig, str, int | None], TaskReference]] = {
     "pretrained": pretrained,
     "centralized": centralized,
     "local-only": local_only,
 }
 
 
-def reference(run: RunConfig, kind: str, tasks: Sequence[str] | None = None) -> list[TaskReference]:
-    """The `kind` reference of each task of the run's scenario (or of `tasks`)."""
+def reference(
+    run: RunConfig,
+    kind: str,
+    tasks: Sequence[str] | None = None,
+    device_rounds: Mapping[str, int] | None = None,
+) -> list[TaskReference]:
+    """The `kind` reference of each task of the run's scenario (or of `tasks`); with
+    `device_rounds` (per task, `trained_device_rounds` of a run), for that run's examples."""
     if kind not in REFERENCES:
         raise FedgeError(f"unknown reference kind {kind!r}: use one of {', '.join(KINDS)}")
     names = list(tasks or run.scenario.tasks)
@@ -241,7 +307,9 @@ def reference(run: RunConfig, kind: str, tasks: Sequence[str] | None = None) -> 
             f"task {unknown[0]!r} is not run by scenario {run.scenario.name!r} "
             f"(its tasks: {', '.join(run.scenario.tasks)})"
         )
-    return [REFERENCES[kind](run, t) for t in names]
+    return [
+        REFERENCES[kind](run, t, None if device_rounds is None else device_rounds.get(t, 0)) for t in names
+    ]
 
 
 def reference_entries(

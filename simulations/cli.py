@@ -609,10 +609,17 @@ def reference(
         Path | None, typer.Option(help="output folder (default results/<scenario>-<kind>/<timestamp>)")
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
+    examples_of: Annotated[
+        Path | None,
+        typer.Option(
+            help="a finished run's output folder: train on the examples it trained (the device-rounds "
+            "its metrics.jsonl records per task) instead of the scenario's plan"
+        ),
+    ] = None,
 ) -> None:
     """A reference for a federated run on the same held-out data (no Flower): the pretrained start,
     centralized LoRA on the pooled training data (same examples), or each device alone."""
-    from federation.references import KINDS, reference, reference_entries
+    from federation.references import KINDS, read_trained_device_rounds, reference, reference_entries
 
     if kind not in KINDS:
         raise FedgeError(f"--kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -622,13 +629,15 @@ def reference(
     name = get_scenario(scenario).name
     target = (out or Path("results") / f"{name}-{kind}" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     _, run = run_config_for(scenario, rounds, seed, target, _parse_sets(set_ or []))
-    refs = reference(run, kind, [task] if task else None)
+    trained = None if examples_of is None else read_trained_device_rounds(examples_of, run.rounds)
+    refs = reference(run, kind, [task] if task else None, trained)
     start, end = reference_entries(refs, refs, run.rounds)
     line = start if kind == "pretrained" else end
     target.mkdir(parents=True, exist_ok=True)
     (target / "metrics.jsonl").write_text(json.dumps(line) + "\n", encoding="utf-8")
     detail = {r.task: {"examples": r.examples, "steps": r.steps, "seconds": r.seconds} for r in refs}
-    (target / "reference.json").write_text(json.dumps({"kind": kind, "tasks": detail}, indent=2))
+    basis = {"examples_of": str(examples_of.resolve()), "device_rounds": trained} if examples_of else {}
+    (target / "reference.json").write_text(json.dumps({"kind": kind, "tasks": detail, **basis}, indent=2))
     table = Table(title=f"{kind} reference, {name}, seed {seed}: held-out results")
     for col in ("task", "where", "metrics", "examples"):
         table.add_column(col)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,3 +131,63 @@ def test_the_tv_centralized_reference_trains_one_private_part_per_viewer(
         run.train.head_lr,
     )
     assert ref.steps["pooled"] >= 1 and ref.eval["auc"] > 0.5 and "viewer_auc" in ref.federated
+
+
+# -- the examples a run actually trained (`fedge reference --examples-of RUN_DIR`) -----------
+
+
+def test_trained_device_rounds_add_each_rounds_participants() -> None:
+    from federation.references import trained_device_rounds
+
+    entries = [
+        {"round": 0, "eval": {}},  # the start: nobody trained
+        {"round": 1, "participants": {"phone": 4, "sensor": 7}},
+        {"round": 2, "participants": {"phone": 4}},  # the watches sat out
+        {"round": 3, "participants": {"phone": 3, "sensor": 3}},
+    ]
+    assert trained_device_rounds(entries) == {"phone": 11, "sensor": 10}
+
+
+def test_a_reference_for_a_runs_device_rounds_scales_the_plan_to_them() -> None:
+    from federation.references import task_devices, task_examples
+
+    run = RunConfig.parse({"scenario": "smart-home"})
+    devices = task_devices(run, "sensor")
+    (planned,) = task_examples(run, "sensor", devices).values()
+    # 12 rounds x 8 watches x 30 steps x the watches' mean batch (16 on high, 8 on low: 12)
+    assert planned == 12 * 8 * 30 * 12
+    (trained,) = task_examples(run, "sensor", devices, device_rounds=45).values()
+    assert trained == round(planned * 45 / 96) == 16_200
+    with pytest.raises(FedgeError, match="97 trained device-rounds, the plan has 96"):
+        task_examples(run, "sensor", devices, device_rounds=97)
+
+
+def test_the_centralized_reference_trains_on_the_runs_examples_when_given() -> None:
+    from federation.references import centralized, centralized_steps
+
+    run = RunConfig.parse({"scenario": "smart-home", "num-rounds": 1})
+    planned = centralized(run, "sensor")
+    trained = centralized(run, "sensor", device_rounds=3)  # 3 of the round's 8 planned watches
+    assert planned.steps == {"pooled": centralized_steps(1 * 8 * 30 * 12, 16)} == {"pooled": 180}
+    assert trained.steps == {"pooled": centralized_steps(3 * 30 * 12, 16)} == {"pooled": 68}
+    assert trained.examples == 68 * 16 and trained.eval["accuracy"] > 0
+
+
+def test_reading_a_runs_device_rounds_refuses_a_missing_or_unfinished_run(tmp_path: Path) -> None:
+    import json
+
+    from federation.references import read_trained_device_rounds
+
+    with pytest.raises(FedgeError, match=r"no metrics\.jsonl there"):
+        read_trained_device_rounds(tmp_path, 3)
+    lines = [{"round": 0}, {"round": 1, "participants": {"tv": 4}}, {"round": 2, "participants": {"tv": 3}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(
+        FedgeError, match=r"holds rounds 1\.\.2, the reference is for 3 rounds \(pass --rounds 2"
+    ):
+        read_trained_device_rounds(tmp_path, 3)
+    assert read_trained_device_rounds(tmp_path, 2) == {"tv": 7}
+    for bad in ("{not json\n", '{"round": 1, "participants": {"tv": "four"}}\n', '{"participants": {}}\n'):
+        (tmp_path / "metrics.jsonl").write_text(bad)
+        with pytest.raises(FedgeError, match="not a run's JSON lines"):
+            read_trained_device_rounds(tmp_path, 1)
