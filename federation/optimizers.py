@@ -57,14 +57,12 @@ def adamw(model: TaskModel, settings: TrainSettings) -> list[torch.optim.Optimiz
 
     head = torch.optim.AdamW(model.head.parameters(), lr=settings.head_lr, weight_decay=0.0)
     linear_a = all(p.ndim == 2 for n, p in model.backbone.named_parameters() if ".lora_A." in n)
-    if not model.adapter.lora_fa:  # the run's rule trains A too, or asks for plain AdamW on B
-        lora = torch.optim.AdamW(trained_lora(model), lr=settings.lr, weight_decay=0.0)
-    elif linear_a:
+    if model.adapter.lora_fa and linear_a:
         config = model.backbone.peft_config["default"]
         lora = create_lorafa_optimizer(
             model.backbone, r=config.r, lora_alpha=config.lora_alpha, lr=settings.lr
         )
-    else:
+    else:  # the rule trains A too or asks for plain AdamW, or A is a Conv LoRA's [r, in, k]
         lora = torch.optim.AdamW(trained_lora(model), lr=settings.lr, weight_decay=0.0)
     return [lora, head]
 
