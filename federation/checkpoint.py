@@ -75,9 +75,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, 
     return state, info
 
 
-def completed_rounds(metrics_path: Path, last_round: int) -> list[dict[str, Any]]:
+def completed_rounds(metrics_path: Path, last_round: int, why: str = "cannot resume") -> list[dict[str, Any]]:
     """The metrics entries of rounds 0..last_round from a run's metrics.jsonl, in order, each
-    once (a later line for a round replaces an earlier one); missing file: none."""
+    once (a later line for a round replaces an earlier one); missing file: none. A line that is
+    not an entry is refused, the error ending with `why`."""
     if not metrics_path.is_file():
         return []
     entries: dict[int, dict[str, Any]] = {}
@@ -88,7 +89,7 @@ def completed_rounds(metrics_path: Path, last_round: int) -> list[dict[str, Any]
             entry = json.loads(line)
             round_ = int(entry["round"])
         except (ValueError, KeyError, TypeError):
-            raise FedgeError(f"{metrics_path} line {number} is not a metrics entry: cannot resume") from None
+            raise FedgeError(f"{metrics_path} line {number} is not a metrics entry: {why}") from None
         if round_ <= last_round:
             entries[round_] = entry
     return [entries[r] for r in sorted(entries)]

@@ -30,8 +30,8 @@ its metrics.jsonl; `fedge reference --examples-of RUN_DIR`), the plan is scaled 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from federation.checkpoint import completed_rounds
 from federation.config import RunConfig
 from federation.data.common import stable_seed
 from federation.errors import FedgeError
@@ -79,21 +80,18 @@ def read_trained_device_rounds(run_dir: Path, rounds: int) -> dict[str, int]:
     """`trained_device_rounds` of the run in `run_dir` (its metrics.jsonl), which must have
     finished `rounds` rounds: a reference for N rounds matches a run of N rounds."""
     path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FedgeError(f"--examples-of {run_dir}: no metrics.jsonl there (a run's output folder has one)")
+    # every round it holds, each once (a resumed run's later line for a round replaces the earlier)
+    entries = completed_rounds(path, sys.maxsize, why=f"--examples-of {run_dir} is not a run's JSON lines")
+    trained_entries = [e for e in entries if int(e["round"]) > 0]
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
+        trained = trained_device_rounds(trained_entries)
+    except (TypeError, ValueError, AttributeError) as exc:
         raise FedgeError(
-            f"--examples-of {run_dir}: no metrics.jsonl there (a run's output folder has one)"
+            f"--examples-of {run_dir}: metrics.jsonl is not a run's JSON lines (participants: {exc})"
         ) from None
-    try:
-        entries = [json.loads(line) for line in lines if line.strip()]
-        rounds_of = [int(e["round"]) for e in entries]
-        trained = trained_device_rounds(e for e, r in zip(entries, rounds_of, strict=True) if r > 0)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise FedgeError(
-            f"--examples-of {run_dir}: metrics.jsonl is not a run's JSON lines ({type(exc).__name__}: {exc})"
-        ) from None
-    done = sorted({r for r in rounds_of if r > 0})
+    done = [int(e["round"]) for e in trained_entries]
     if done != list(range(1, rounds + 1)):
         last = done[-1] if done else 0
         raise FedgeError(

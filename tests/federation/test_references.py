@@ -187,6 +187,13 @@ def test_reading_a_runs_device_rounds_refuses_a_missing_or_unfinished_run(tmp_pa
     ):
         read_trained_device_rounds(tmp_path, 3)
     assert read_trained_device_rounds(tmp_path, 2) == {"tv": 7}
+    # a resumed run's later line for a round replaces the earlier one: counted once
+    lines.append({"round": 2, "participants": {"tv": 4}})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert read_trained_device_rounds(tmp_path, 2) == {"tv": 8}
+    # a run of more rounds than the reference's is another plan
+    with pytest.raises(FedgeError, match=r"holds rounds 1\.\.2, the reference is for 1 rounds"):
+        read_trained_device_rounds(tmp_path, 1)
     for bad in ("{not json\n", '{"round": 1, "participants": {"tv": "four"}}\n', '{"participants": {}}\n'):
         (tmp_path / "metrics.jsonl").write_text(bad)
         with pytest.raises(FedgeError, match="not a run's JSON lines"):
