@@ -153,6 +153,14 @@ def task_examples(
     if device_rounds is None:
         return out
     planned = run.rounds * sum(per_round.values())
+    if device_rounds == 0:
+        # a model trained on no examples is the start; centralized_steps' floor of one step would
+        # pass a one-step model off as the reference of a run that never trained the task
+        raise FedgeError(
+            f"task {task!r}: the run aggregated it in no round (0 trained device-rounds): "
+            "there is nothing to train a reference on (its pretrained reference is the run's start; "
+            "name the other tasks with --task)"
+        )
     if device_rounds < 0 or device_rounds > planned:
         raise FedgeError(
             f"task {task!r}: {device_rounds} trained device-rounds, the plan has {planned} "

@@ -160,6 +160,9 @@ def test_a_reference_for_a_runs_device_rounds_scales_the_plan_to_them() -> None:
     assert trained == round(planned * 45 / 96) == 16_200
     with pytest.raises(FedgeError, match="97 trained device-rounds, the plan has 96"):
         task_examples(run, "sensor", devices, device_rounds=97)
+    # a task the run never aggregated: no one-step stand-in for a reference
+    with pytest.raises(FedgeError, match="aggregated it in no round"):
+        task_examples(run, "sensor", devices, device_rounds=0)
 
 
 def test_the_centralized_reference_trains_on_the_runs_examples_when_given() -> None:
