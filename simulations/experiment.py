@@ -10,6 +10,7 @@ scenarios = ["smart-home"]           # named scenarios or scenario files
 seeds = [0, 1, 2]
 rounds = 6                           # optional (0 or absent: each scenario's own)
 references = ["centralized", "local-only"]   # optional: pretrained, centralized, local-only
+examples-of = "exact-mixed-rank"     # optional: trained references see that method's examples
 set = { federated-eval-every = 3 }   # optional: run settings of every cell (as `--set`)
 
 [methods]                            # name -> its aggregation rule and settings
@@ -23,7 +24,12 @@ slow = { lr = 0.001 }
 
 The grid is methods x scenarios x settings x seeds (each cell a `fedge simulate` run with the
 method's and the setting's `--set` overrides) plus references x scenarios x settings x seeds
-(each cell a `federation.references` reference). Every cell's run config is parsed before any
+(each cell a `federation.references` reference). A trained reference (centralized, local-only)
+trains on the scenario's planned examples, or, with `examples-of = METHOD`, on the examples that
+method's run cell of the same scenario, setting and seed aggregated (the device-rounds its
+metrics.jsonl records per task, as `fedge reference --examples-of`): where the simulated night
+lets fewer devices train than a round asks for, the plan overstates what the run trained. Every
+cell's run config is parsed before any
 cell runs, so an unknown rule or setting, a bad value or an unknown scenario is refused at
 start, naming the method and the fix.
 
@@ -51,7 +57,8 @@ from federation.errors import FedgeError
 from simulations.report import CELL_FILE, DONE_FILE, METRICS_FILE, build_report, read_metrics, value_at
 
 REFERENCE_KINDS = ("pretrained", "centralized", "local-only")
-EXPERIMENT_KEYS = {"name", "description", "scenarios", "seeds", "rounds", "references", "set"}
+EXPERIMENT_KEYS = {"name", "description", "scenarios", "seeds", "rounds", "references", "set", "examples-of"}
+TRAINED_REFERENCES = ("centralized", "local-only")  # the kinds that train, on examples a run may set
 METHOD_KEYS = {"aggregation", "set"}
 
 
@@ -67,12 +74,17 @@ class Cell:
     rounds: int  # 0: the scenario's
     sets: dict[str, Any] = field(default_factory=dict)  # every run-setting override of the cell
     order: int = 0
+    # a trained reference on the examples of this run cell (its `Cell`); None: on the plan
+    examples_of: Cell | None = None
 
     @property
     def key(self) -> str:
-        """What identifies the cell: its kind, scenario, seed, rounds and settings (not its name)."""
+        """What identifies the cell: its kind, scenario, seed, rounds and settings (not its name),
+        and for a reference on a run's examples, that run cell's key."""
         ident = {"kind": self.kind, "scenario": self.scenario, "seed": self.seed, "rounds": self.rounds,
                  "sets": self.sets}  # fmt: skip
+        if self.examples_of is not None:
+            ident["examples_of"] = self.examples_of.key
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
     @property
@@ -146,6 +158,17 @@ def parse_experiment(text: str, where: str = "<text>") -> Experiment:
     methods = _table(where, raw.get("methods", {}), "[methods]")
     if not methods and not references:
         raise _fail(where, "names no [methods] and no references: nothing to run")
+    examples_of = head.get("examples-of")
+    if examples_of is not None:
+        if not isinstance(examples_of, str) or examples_of not in methods:
+            raise _fail(
+                where, f"[experiment] examples-of must name one of its [methods], got {examples_of!r}"
+            )
+        if not set(references) & set(TRAINED_REFERENCES):
+            raise _fail(
+                where, f"[experiment] examples-of {examples_of!r}: no trained reference to give them "
+                f"(references: {', '.join(TRAINED_REFERENCES)})",
+            )  # fmt: skip
     parsed_methods: dict[str, dict[str, Any]] = {}
     for method, spec in methods.items():
         spec = _table(where, spec, f"[methods] {method}")
@@ -166,12 +189,17 @@ def parse_experiment(text: str, where: str = "<text>") -> Experiment:
     for scenario in scenarios:
         for setting, setting_sets in settings.items():
             for seed in seeds:
+                runs = {}
                 for method, method_sets in parsed_methods.items():
                     sets = {**common, **setting_sets, **method_sets}
-                    cells.append(Cell("run", method, scenario, setting, seed, rounds, sets, len(cells)))
+                    runs[method] = Cell("run", method, scenario, setting, seed, rounds, sets, len(cells))
+                    cells.append(runs[method])
                 for kind in references:
                     sets = {**common, **setting_sets}
-                    cells.append(Cell(kind, kind, scenario, setting, seed, rounds, sets, len(cells)))
+                    basis = (
+                        runs[examples_of] if examples_of is not None and kind in TRAINED_REFERENCES else None
+                    )
+                    cells.append(Cell(kind, kind, scenario, setting, seed, rounds, sets, len(cells), basis))
     keys = {}
     for cell in cells:
         if cell.key in keys:
@@ -247,18 +275,39 @@ def task_info(run: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def run_reference(cell: Cell, run: Any, out: Path) -> None:
+def run_reference(cell: Cell, run: Any, out: Path, device_rounds: Mapping[str, int] | None = None) -> None:
     """A reference cell, in a run's metrics.jsonl format: the pretrained start as round 0 (a
     `pretrained` cell), or the reference after training as the run's last round (the start is
-    the federated runs' round 0, the same model on the same data), plus reference.json."""
+    the federated runs' round 0, the same model on the same data), plus reference.json. With
+    `device_rounds` (per task, of the run cell `cell.examples_of`), trained on that run's examples."""
     from federation.references import reference, reference_entries
 
-    refs = reference(run, cell.kind)
+    refs = reference(run, cell.kind, device_rounds=device_rounds)
     start, end = reference_entries(refs, refs, run.rounds)
     lines = [start] if cell.kind == "pretrained" else [end]
     (out / METRICS_FILE).write_text("".join(json.dumps(e) + "\n" for e in lines), encoding="utf-8")
     detail = {r.task: {"examples": r.examples, "steps": r.steps, "seconds": r.seconds} for r in refs}
-    (out / "reference.json").write_text(json.dumps({"kind": cell.kind, "tasks": detail}, indent=2))
+    basis = {}
+    if cell.examples_of is not None:
+        basis = {"examples_of": cell.examples_of.id, "device_rounds": dict(device_rounds or {})}
+    (out / "reference.json").write_text(json.dumps({"kind": cell.kind, "tasks": detail, **basis}, indent=2))
+
+
+def run_device_rounds(cell: Cell, out: Path, rounds: int) -> dict[str, int] | None:
+    """The device-rounds per task of the run cell a reference trains for (None: the plan); that
+    cell must have finished in this experiment's folder."""
+    from federation.references import read_trained_device_rounds
+
+    if cell.examples_of is None:
+        return None
+    source = out / "cells" / cell.examples_of.id
+    if not (source / DONE_FILE).is_file():
+        raise FedgeError(
+            f"reference {cell.kind!r} seed {cell.seed} trains on the examples of method "
+            f"{cell.examples_of.method!r}, whose run cell {cell.examples_of.id} has not finished: "
+            "run that method first (it runs before its references unless --methods leaves it out)"
+        )
+    return read_trained_device_rounds(source, rounds)
 
 
 def summary_line(cell: Cell, lines: list[dict[str, Any]], tasks: Mapping[str, Mapping[str, Any]]) -> str:
@@ -281,7 +330,7 @@ def run_experiment(
     check: Validate,
     simulate: Simulate,
     say: Callable[[str], None] = print,
-    reference_runner: Callable[[Cell, Any, Path], None] = run_reference,
+    reference_runner: Callable[[Cell, Any, Path, Mapping[str, int] | None], None] = run_reference,
 ) -> Path:
     """Run every cell not yet finished (validated first, all of them), then write the report."""
     configs = validate(experiment, out, check)
@@ -301,10 +350,15 @@ def run_experiment(
         cell_dir = out / "cells" / cell.id
         label = f"[{i}/{total}] {cell.method} {Path(cell.scenario).stem} {cell.setting} seed {cell.seed}"
         done = cell_dir / DONE_FILE
+        run = configs[cell.id]
+        # a reference on a run's examples: what that run (finished before it) trained, now
+        trained = None if cell.kind == "run" else run_device_rounds(cell, out, run.rounds)
         if done.is_file():
             try:
-                finished = json.loads(done.read_text()).get("key") == cell.key
-            except ValueError:
+                record = json.loads(done.read_text())
+                # ... and the run it was trained for has not been rerun since with other examples
+                finished = record.get("key") == cell.key and record.get("device_rounds") == trained
+            except (ValueError, AttributeError):
                 finished = False
             if finished and (cell_dir / METRICS_FILE).is_file():
                 say(f"{label}: done before, skipped")
@@ -313,18 +367,23 @@ def run_experiment(
         if rerun:
             shutil.rmtree(cell_dir)  # an interrupted cell starts again from scratch
         cell_dir.mkdir(parents=True)
-        run = configs[cell.id]
         record = {"id": cell.id, "key": cell.key, "kind": cell.kind, "method": cell.method,
                   "scenario": cell.scenario, "setting": cell.setting, "seed": cell.seed, "rounds": run.rounds,
                   "sets": cell.sets, "order": cell.order, "tasks": task_info(run)}  # fmt: skip
+        if cell.examples_of is not None:  # the report labels the reference with the method
+            record["examples_of"] = cell.examples_of.method
+            record["examples_of_cell"] = cell.examples_of.id
         (cell_dir / CELL_FILE).write_text(json.dumps(record, indent=2, default=str))
         started = time.monotonic()
         if cell.kind == "run":
             simulate(cell.scenario, cell.rounds or None, cell.seed, cell_dir, dict(cell.sets), quiet=True)
         else:
-            reference_runner(cell, run, cell_dir)
+            reference_runner(cell, run, cell_dir, trained)
         seconds = time.monotonic() - started
-        (cell_dir / DONE_FILE).write_text(json.dumps({"key": cell.key, "seconds": seconds}))
+        finished_record = {"key": cell.key, "seconds": seconds}
+        if trained is not None:
+            finished_record["device_rounds"] = trained
+        (cell_dir / DONE_FILE).write_text(json.dumps(finished_record))
         lines = read_metrics(cell_dir / METRICS_FILE)
         again = " (rerun: interrupted before)" if rerun else ""
         say(f"{label}: {summary_line(cell, lines, record['tasks'])} ({seconds:.0f} s){again}")

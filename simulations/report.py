@@ -121,6 +121,13 @@ def simulated_hours(lines: Sequence[Mapping[str, Any]]) -> float | None:
     return (clocked[-1]["sim_time_s"] + clocked[-1]["simulated_s"] - clocked[0]["sim_time_s"]) / 3600.0
 
 
+def method_name(cell: Mapping[str, Any]) -> str:
+    """A cell's method as the report shows it: a reference trained on a method's run's examples
+    (`examples-of`) says so, since the plan's examples give another reference."""
+    name = str(cell.get("method"))
+    return name + (f" (examples of {cell['examples_of']})" if cell.get("examples_of") else "")
+
+
 def cell_row(
     cell: Mapping[str, Any], lines: Sequence[Mapping[str, Any]], cols: Sequence[Column]
 ) -> dict[str, Any]:
@@ -129,6 +136,7 @@ def cell_row(
         raise FedgeError(f"cell {cell.get('id')}: metrics.jsonl is empty")
     last = max(lines, key=lambda e: e["round"])
     row: dict[str, Any] = {k: cell.get(k) for k in ("kind", "method", "scenario", "setting", "seed")}
+    row["method"] = method_name(cell)
     row["rounds"] = last["round"]
     for col in cols:
         row[col.name] = value_at(last, col)
@@ -378,7 +386,7 @@ def plot(
                 if cell.get("kind") != "run":
                     final = value_at(max(lines, key=lambda e: e["round"]), col)
                     if final is not None:
-                        by_label.setdefault(f"{cell.get('kind')}", {}).setdefault(-1, []).append(final)
+                        by_label.setdefault(method_name(cell), {}).setdefault(-1, []).append(final)
                     continue
                 for r, v in curve(lines, col):
                     by_label.setdefault(_label(cell), {}).setdefault(r, []).append(v)

@@ -5,14 +5,16 @@ reference cells on a 3-watch scenario: no Flower), and `fedge report` rebuilds t
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from federation.errors import FedgeError
+from federation.references import task_devices, task_examples
 from simulations.cli import run_config_for
-from simulations.experiment import load_experiment, parse_experiment, run_experiment
+from simulations.experiment import load_experiment, parse_experiment, run_experiment, run_reference, select
 from simulations.report import DONE_FILE, build_report
 
 GOOD = """
@@ -115,6 +117,121 @@ def test_unknown_rule_or_setting_is_refused_before_any_cell_runs(tmp_path: Path)
     with pytest.raises(FedgeError, match=r"method 'typo'.*learning-rate"):
         run_experiment(parse_experiment(text), tmp_path / "y", _check, lambda *a, **k: calls.append(a))
     assert calls == []
+
+
+ON_RUNS = """
+[experiment]
+name = "on-runs"
+scenarios = ["smoke"]
+seeds = [0]
+rounds = 2
+references = ["pretrained", "centralized", "local-only"]
+examples-of = "exact-mixed-rank"
+[methods]
+exact-mixed-rank = {}
+"""
+
+
+def test_examples_of_ties_each_trained_reference_to_its_seeds_run_cell() -> None:
+    cells = parse_experiment(ON_RUNS.replace("seeds = [0]", "seeds = [0, 1]")).cells
+    runs = {c.seed: c for c in cells if c.kind == "run"}
+    for cell in cells:
+        if cell.kind in ("centralized", "local-only"):
+            assert cell.examples_of == runs[cell.seed]  # its own seed's run, not another's
+        else:
+            assert cell.examples_of is None  # the start trains nothing; a run is its own basis
+    planned = parse_experiment(ON_RUNS.replace('examples-of = "exact-mixed-rank"\n', "")).cells
+    # on the plan or on a run's examples: different references, different cells (resume-safe)
+    assert {c.key for c in planned if c.kind == "centralized"}.isdisjoint(
+        {c.key for c in cells if c.kind == "centralized"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("replace", "says"),
+    [
+        (('"exact-mixed-rank"\n[', '"fedit"\n['), "examples-of must name one of its [methods]"),
+        (('"exact-mixed-rank"\n[', "3\n["), "examples-of must name one of its [methods]"),
+        (('"pretrained", "centralized", "local-only"', '"pretrained"'), "no trained reference"),
+    ],
+)
+def test_bad_examples_of_is_refused(replace: tuple[str, str], says: str) -> None:
+    with pytest.raises(FedgeError, match=re.escape(says)):
+        parse_experiment(ON_RUNS.replace(*replace), "on-runs.toml")
+
+
+def _fake_run(participants: list[dict[str, int]]) -> Any:
+    """A stand-in for `fedge simulate` (no Flower) that leaves a finished run's metrics.jsonl
+    whose rounds aggregated `participants`; the references it feeds are real."""
+
+    def simulate(scenario: str, rounds: int | None, seed: int, out: Path, sets: dict, quiet: bool) -> Path:
+        lines = [{"round": 0, "eval": {}}] + [
+            {"round": r, "eval": {}, "participants": p} for r, p in enumerate(participants, start=1)
+        ]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+        return out
+
+    return simulate
+
+
+def test_references_train_on_the_named_runs_examples_and_follow_a_rerun(tmp_path: Path) -> None:
+    out = tmp_path / "exp"
+    given: list[tuple[str, Any]] = []
+
+    def reference_runner(cell: Any, run: Any, cell_dir: Path, device_rounds: Any) -> None:
+        given.append((cell.kind, device_rounds))
+        (cell_dir / "metrics.jsonl").write_text(json.dumps({"round": 2, "eval": {}}) + "\n")
+
+    experiment = parse_experiment(ON_RUNS)
+    # smoke plans 2 phones a round: the night let 1 of them train in round 2
+    night = [{"phone": 2}, {"phone": 1}]
+    run_experiment(experiment, out, _check, _fake_run(night), say=lambda _: None,
+                   reference_runner=reference_runner)  # fmt: skip
+    assert given == [("pretrained", None), ("centralized", {"phone": 3}), ("local-only", {"phone": 3})]
+    central = next(c for c in experiment.cells if c.kind == "centralized")
+    record = json.loads((out / "cells" / central.id / "cell.json").read_text())
+    assert record["examples_of"] == "exact-mixed-rank"
+    # the report names the basis: a plan's reference and a run's are not the same row
+    assert "centralized (examples of exact-mixed-rank)" in (out / "results.md").read_text()
+
+    # unchanged: everything skipped
+    given.clear()
+    run_experiment(experiment, out, _check, _fake_run(night), say=lambda _: None,
+                   reference_runner=reference_runner)  # fmt: skip
+    assert given == []
+    # the run cell is rerun (interrupted) and this time trains other examples: its trained
+    # references follow it; the pretrained start does not depend on it
+    run_dir = out / "cells" / next(c for c in experiment.cells if c.kind == "run").id
+    (run_dir / DONE_FILE).unlink()
+    run_experiment(experiment, out, _check, _fake_run([{"phone": 2}, {"phone": 2}]), say=lambda _: None,
+                   reference_runner=reference_runner)  # fmt: skip
+    assert given == [("centralized", {"phone": 4}), ("local-only", {"phone": 4})]
+
+
+def test_a_reference_whose_run_has_not_finished_is_refused_by_name(tmp_path: Path) -> None:
+    experiment = select(parse_experiment(ON_RUNS), None, ["centralized"])
+    with pytest.raises(FedgeError, match=r"examples of method 'exact-mixed-rank'.*has not finished"):
+        run_experiment(experiment, tmp_path / "exp", _check, _fake_run([]), say=lambda _: None)
+
+
+def test_the_real_reference_trains_on_the_runs_examples(tmp_path: Path) -> None:
+    """`run_reference` itself: the centralized watch model trains for the run's 5 device-rounds
+    of the plan's 20 (a quarter of the examples), and reference.json says on whose examples."""
+    text = ON_RUNS.replace('"smoke"', '"dropout-check"').replace('"pretrained", ', "")
+    experiment = parse_experiment(text)
+    central = next(c for c in experiment.cells if c.kind == "centralized")
+    run = _check(central.scenario, 2, 0, tmp_path, dict(central.sets))
+    planned = sum(task_examples(run, "sensor", task_devices(run, "sensor")).values())
+    cell_dir = tmp_path / "cell"
+    cell_dir.mkdir()
+    run_reference(central, run, cell_dir, {"sensor": 5})
+    detail = json.loads((cell_dir / "reference.json").read_text())
+    assert detail["examples_of"] == experiment.cells[0].id
+    assert detail["device_rounds"] == {"sensor": 5}
+    trained = detail["tasks"]["sensor"]["examples"]
+    assert planned / 4 <= trained < planned / 4 + run.train.batch_size  # whole steps of the batch
+    line = json.loads((cell_dir / "metrics.jsonl").read_text())
+    assert line["round"] == 2 and line["eval"]["sensor"]["accuracy"] >= 0.0
 
 
 TINY = """
