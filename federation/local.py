@@ -29,7 +29,7 @@ from federation.fleet import Device
 from federation.model.edge import TaskModel, cached_task_model
 from federation.rules.base import Rule, is_a_key, is_b_key, is_residual_key
 from federation.tasks import get_task
-from federation.training import TrainSettings, round_seed
+from federation.training import TrainSettings, epoch_steps, round_seed
 
 
 @dataclass
@@ -52,11 +52,18 @@ def task_model(run: RunConfig, task: str, rank: int | None = None) -> TaskModel:
     return cached_task_model(task, run.lora, run.seed, rank, run)
 
 
-def device_settings(run: RunConfig, device: Device) -> TrainSettings:
+def device_settings(run: RunConfig, device: Device, data: Any = None) -> TrainSettings:
     """The round's local work on this device: the scenario's steps, the batch its tier's memory
-    budget allows (capped by the run's batch-size). Its weight in the aggregate follows."""
+    budget allows (capped by the run's batch-size). Its weight in the aggregate follows. For a
+    class the scenario trains by local epochs, the steps its `data` holds (`epoch_steps`, up to
+    the class's steps); without `data`, that bound."""
     settings = run.train_for(device.device_class)
-    return replace(settings, batch_size=min(settings.batch_size, device.batch_size))
+    batch = min(settings.batch_size, device.batch_size)
+    epochs = run.scenario.local_epochs.get(device.device_class)
+    steps = settings.steps
+    if epochs is not None and data is not None:
+        steps = epoch_steps(epochs, get_task(device.task).train_size(data), batch, settings.steps)
+    return replace(settings, batch_size=batch, steps=steps)
 
 
 def training_rank(run: RunConfig, device: Device) -> int:
@@ -104,7 +111,7 @@ def local_train(
     start = starting_state(rule, shared, kept)
     model.load_shared_state(start)
     seed = round_seed(run.seed, device.data_client, server_round)
-    settings = device_settings(run, device)
+    settings = device_settings(run, device, data)
     # Dropout (MiniLM's) draws from torch's global RNG, which each process seeds on its own: seed
     # it from (run seed, device, round) so a round trains alike in any process, e.g. after a resume.
     torch.manual_seed(seed)

@@ -20,7 +20,9 @@ reference is written in a run's format (`reference_entries`: metrics.jsonl lines
 round N), so reports read runs and references alike. No Flower here.
 
 The number of training examples is *nominal* by default: what the scenario plans (rounds x
-devices per round x local steps x batch); a federated run whose devices drop out, straggle or
+devices per round x the examples a device sees in a round: local steps x batch, or for a class
+trained by local epochs the mean over its devices of each one's steps x batch, which its data
+sets); a federated run whose devices drop out, straggle or
 are not eligible trains fewer (the smart-home night lets 3-8 of the 8 planned watches train a
 round). Given the device-rounds a run actually aggregated per task (`trained_device_rounds`, from
 its metrics.jsonl; `fedge reference --examples-of RUN_DIR`), the plan is scaled to them
@@ -55,14 +57,12 @@ KINDS = ("pretrained", "centralized", "local-only")
 # -- pure planning ---------------------------------------------------------------------------
 
 
-def planned_examples(
-    rounds: int, per_round: Mapping[str, int], steps: Mapping[str, int], batch: Mapping[str, float]
-) -> int:
+def planned_examples(rounds: int, per_round: Mapping[str, int], per_device: Mapping[str, float]) -> int:
     """Training examples a federated run plans for the classes given: rounds x sum over classes
-    of (devices per round x local steps x mean batch of the class)."""
+    of (devices per round x the mean examples a device of the class sees in a round)."""
     if rounds < 0:
         raise ValueError(f"rounds must be >= 0, got {rounds}")
-    total = sum(per_round[c] * steps[c] * batch[c] for c in per_round)
+    total = sum(per_round[c] * per_device[c] for c in per_round)
     return round(rounds * total)
 
 
@@ -136,6 +136,23 @@ def _class_batch(run: RunConfig, devices: Sequence[Device], device_class: str) -
     return float(np.mean(sizes)) if sizes else float(run.train.batch_size)
 
 
+def device_round_examples(run: RunConfig, devices: Sequence[Device], device_class: str) -> float:
+    """The mean examples a device of the class sees in a round: its local steps x the class's mean
+    batch; for a class trained by local epochs, each device's own steps x batch (its data sets
+    them, `federation.local.device_settings`), averaged over the class's devices."""
+    members = [d for d in devices if d.device_class == device_class]
+    if device_class not in run.scenario.local_epochs or not members:
+        return run.train_for(device_class).steps * _class_batch(run, devices, device_class)
+    from federation.local import device_settings
+
+    seen = []
+    for device in members:
+        data = load_device_data(device, run.seed, run.seq_len, run.cache_dir)
+        settings = device_settings(run, device, data)
+        seen.append(settings.steps * min(settings.batch_size, get_task(device.task).train_size(data)))
+    return float(np.mean(seen))
+
+
 def task_examples(
     run: RunConfig, task: str, devices: Sequence[Device], device_rounds: int | None = None
 ) -> dict[str, int]:
@@ -145,9 +162,7 @@ def task_examples(
     classes = _classes(run, task)
     per_round = {c: min(run.scenario.per_round.get(c, 0), run.scenario.fleet[c]) for c in classes}
     out = {
-        c: planned_examples(
-            run.rounds, {c: per_round[c]}, {c: run.train_for(c).steps}, {c: _class_batch(run, devices, c)}
-        )
+        c: planned_examples(run.rounds, {c: per_round[c]}, {c: device_round_examples(run, devices, c)})
         for c in classes
     }
     if device_rounds is None:

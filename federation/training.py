@@ -11,6 +11,7 @@ turns sums into accuracy, AUC and macro-F1.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -181,6 +182,27 @@ def eval_classifier(
         "correct": float((pred == y).sum()),
         "confusion": confusion.double().tolist(),
     }
+
+
+def epoch_steps(epochs: float, train_size: int, batch_size: int, max_steps: int) -> int:
+    """Local steps of a device that trains `epochs` passes over its `train_size` examples in
+    batches of `batch_size` (a batch holds at most the device's examples): at least 1, at most
+    `max_steps` (its class's local steps: the public bound on a device's work and on its weight
+    in the aggregate).
+
+    FedAvg's local epochs (McMahan et al., "Communication-Efficient Learning of Deep Networks
+    from Decentralized Data", AISTATS 2017: u_k = E n_k / B updates on client k): a device with
+    more data takes more steps and, weighted by the examples it saw, counts for more, so the
+    round's average estimates the pooled objective, every example alike. With a fixed number of
+    steps every device counts alike, whatever data it holds."""
+    if not epochs > 0 or train_size < 1 or batch_size < 1 or max_steps < 1:
+        raise ValueError(
+            f"need epochs > 0 and train size, batch and max steps >= 1, got {epochs}, {train_size}, "
+            f"{batch_size}, {max_steps}"
+        )
+    per_step = min(batch_size, train_size)
+    # rounded first, so that float error cannot turn a whole number of steps into one more
+    return max(1, min(max_steps, math.ceil(round(epochs * train_size / per_step, 9))))
 
 
 def round_seed(seed: int, client_id: str, server_round: int) -> int:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from federation.errors import FedgeError
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
@@ -136,6 +138,15 @@ class Task(ABC):
         self, model: TaskModel, data: Any, *, client_id: str, run: RunConfig, private: np.ndarray | None
     ) -> Sums:
         """Summed results on the client's held-out split (with its private part, if any)."""
+
+    def train_size(self, data: Any) -> int:
+        """The client's number of training examples: what a device class that trains by local
+        epochs (`Scenario.local_epochs`) sizes its steps on. A task that does not say cannot be
+        trained by epochs."""
+        raise FedgeError(
+            f"task {self.info.name!r} does not give its clients' training-set size (Task.train_size): "
+            "its device classes cannot train by local epochs (drop them from the scenario's local_epochs)"
+        )
 
     def classes_held(self, data: Any) -> np.ndarray | None:
         """For a task whose head has one output row per class (a head module named `classes`):

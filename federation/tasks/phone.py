@@ -131,6 +131,9 @@ class PhoneTask(Task):
     ) -> tuple[TrainResult, np.ndarray | None]:
         return train_phone(model, data.train, settings, seed), None  # type: ignore[arg-type]
 
+    def train_size(self, data: Any) -> int:
+        return len(data.train)  # the device's training sequences
+
     def evaluate(
         self, model: TaskModel, data: Any, *, client_id: str, run: RunConfig, private: np.ndarray | None
     ) -> Sums:

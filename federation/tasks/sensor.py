@@ -116,6 +116,9 @@ class SensorTask(Task):
         # a watch records 3-5 of the 7 exercises: its head rows for the others are not its to move
         return np.bincount(data.train_y.numpy(), minlength=N_CLASSES)[:N_CLASSES] > 0
 
+    def train_size(self, data: Any) -> int:
+        return len(data.train_y)  # the watch's training windows
+
     def evaluate(
         self, model: TaskModel, data: Any, *, client_id: str, run: RunConfig, private: np.ndarray | None
     ) -> Sums:

@@ -312,6 +312,9 @@ class TVTask(Task):
         user = users[0]
         return result, user.numpy()
 
+    def train_size(self, data: Any) -> int:
+        return len(data.train_items)  # the viewer's training ratings
+
     def train_pooled(
         self, model: TaskModel, data: Sequence[Any], settings: TrainSettings, seed: int, *, run: RunConfig
     ) -> TrainResult:

@@ -247,6 +247,13 @@ def test_unknown_classes_and_redefinitions_are_refused(tmp_path: Path) -> None:
             "optimizer of `slate` must be one of adamw, sgd",
         ),
         ("rounds = 1", "rounds = 1\nlr = { slate = -1 }", "lr of `slate` must be a number > 0"),
+        (
+            "rounds = 1",
+            "rounds = 1\nlocal_epochs = { slate = 0 }",
+            "local_epochs of `slate` must be a number > 0",
+        ),
+        ("rounds = 1", "rounds = 1\nlocal_epochs = { tv = 1 }", "local_epochs names `tv`, not a class"),
+        ("rounds = 1", "rounds = 1\nlocal_epochs = 0.5", "`local_epochs` must be a table"),
     ],
 )
 def test_a_malformed_scenario_file_is_refused_naming_the_key(
