@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from logging import INFO, WARNING
@@ -54,11 +54,19 @@ class Registry:
 
     nodes: dict[int, NodeInfo] = field(default_factory=dict)
 
+    def ordered(self, nodes: Iterable[int] | None = None) -> list[int]:
+        """Checked-in nodes (all, or those of `nodes`) in the order of the devices they are, by
+        (class, data client), not by node id: Flower draws node ids anew in every run, and the
+        server's seeded draws pick positions in this order, so a seed picks the same devices in
+        every run of it (sorted by node id, one seed sampled other phones and TVs each run)."""
+        chosen = self.nodes if nodes is None else nodes
+        return sorted(chosen, key=lambda n: (self.nodes[n].device_class, self.nodes[n].data_client, n))
+
     def of_class(self, device_class: str) -> list[int]:
-        return sorted(n for n, info in self.nodes.items() if info.device_class == device_class)
+        return self.ordered(n for n, info in self.nodes.items() if info.device_class == device_class)
 
     def of_task(self, task: str) -> list[int]:
-        return sorted(n for n, info in self.nodes.items() if info.task == task)
+        return self.ordered(n for n, info in self.nodes.items() if info.task == task)
 
 
 def _out_dir(run: RunConfig) -> Path:
@@ -297,14 +305,15 @@ class RunState:
         (checked in lazily, so server memory follows the devices in flight, not the fleet)."""
         pool = self.run.scenario.candidate_pool
         if not pool:
-            return sorted(self.registry.nodes)
+            return self.registry.ordered()
         nodes = sorted(self.grid.get_node_ids())
         rng = np.random.default_rng(stable_seed("candidates", self.run.seed, server_round))
         picked = [
             nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=min(pool, len(nodes)), replace=False))
         ]
         check_in(self.grid, self.registry, picked, self.run.round_timeout)
-        return [n for n in picked if n in self.registry.nodes]
+        # (which nodes form the pool is drawn by node id: they are not checked in yet)
+        return self.registry.ordered(n for n in picked if n in self.registry.nodes)
 
     def upload_bytes(self, task: str) -> int:
         """What one device of `task` uploads: the masked vector packed to m bits per coordinate
