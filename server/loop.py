@@ -36,7 +36,7 @@ from server.messaging import send_and_stream
 from server.round import MetricsEntry, RoundResult
 from server.status import CHECKED_IN, DONE, WAITING, write_status
 
-NODE_WAIT_S = 30.0
+NODE_WAIT_S = 120.0  # for the whole fleet to connect; a node later than this joins a later round
 
 
 @dataclass
@@ -53,6 +53,10 @@ class Registry:
     """What the server knows of each node after its check-in (no data, only its class)."""
 
     nodes: dict[int, NodeInfo] = field(default_factory=dict)
+    # nodes that never answered their check-in: not asked again (a dead node Flower still lists
+    # would stall every round by the reply timeout); one that answered with an error is asked
+    # again next round (an error comes back at once, and a restarted node keeps its id)
+    refused: set[int] = field(default_factory=set)
 
     def ordered(self, nodes: Iterable[int] | None = None) -> list[int]:
         """Checked-in nodes (all, or those of `nodes`) in the order of the devices they are, by
@@ -89,7 +93,9 @@ def _wait_for_nodes(grid: Grid, wanted: int) -> list[int]:
         time.sleep(0.5)
         nodes = list(grid.get_node_ids())
     if not nodes:
-        raise FedgeError("no SuperNode connected within 30 s: start SuperNodes (or use `fedge simulate`)")
+        raise FedgeError(
+            f"no SuperNode connected within {NODE_WAIT_S:.0f} s: start SuperNodes (or use `fedge simulate`)"
+        )
     if len(nodes) < wanted:
         log(
             WARNING,
@@ -104,9 +110,10 @@ def _wait_for_nodes(grid: Grid, wanted: int) -> list[int]:
 
 def check_in(grid: Grid, registry: Registry, nodes: list[int], timeout: float) -> None:
     """Ask nodes never seen before which device they are (one light QUERY round trip)."""
-    unknown = [n for n in nodes if n not in registry.nodes]
+    unknown = [n for n in nodes if n not in registry.nodes and n not in registry.refused]
     if not unknown:
         return
+    answered: set[int] = set()
     messages = [
         Message(
             RecordDict({"config": ConfigRecord({"check-in": 1})}),
@@ -116,9 +123,10 @@ def check_in(grid: Grid, registry: Registry, nodes: list[int], timeout: float) -
         for n in unknown
     ]
     for node, reply in send_and_stream(grid, messages, timeout):
+        answered.add(node)
         if reply.has_error():
             log(WARNING, "fedge: node %d failed check-in: %s", node, reply.error.reason)
-            continue
+            continue  # (an error comes back fast: asked again next round, as a restarted node)
         info = reply.content["device"]
         registry.nodes[node] = NodeInfo(
             str(info["device-class"]),
@@ -127,6 +135,16 @@ def check_in(grid: Grid, registry: Registry, nodes: list[int], timeout: float) -
             str(info.get("tier", "")),
             int(info.get("rank", 0)),
         )
+    silent = [n for n in unknown if n not in answered]
+    if silent:
+        log(
+            WARNING,
+            "fedge: %d node(s) never answered check-in within %.0f s: %s",
+            len(silent),
+            timeout,
+            silent,
+        )
+        registry.refused.update(silent)
 
 
 def sample(
@@ -305,6 +323,9 @@ class RunState:
         (checked in lazily, so server memory follows the devices in flight, not the fleet)."""
         pool = self.run.scenario.candidate_pool
         if not pool:
+            # a node that connected after the start (slow to boot, or restarted under a new
+            # node id) checks in now and is drawn from this round on
+            check_in(self.grid, self.registry, sorted(self.grid.get_node_ids()), self.run.round_timeout)
             return self.registry.ordered()
         nodes = sorted(self.grid.get_node_ids())
         rng = np.random.default_rng(stable_seed("candidates", self.run.seed, server_round))

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from federation.config import RunConfig
 from federation.secagg import pki
 from federation.secagg.packing import pack_residues, unpack_residues
-from server.loop import RunState, check_in
+from server.loop import RunState, check_in, sample
 from server.secagg import CHECK, KEYS, MASK, UNMASK, secure_train_round
 
 RUN_ID = 2**63 + 77  # a 64-bit Flower run id; the protocol carries it mod 2^63
@@ -43,6 +43,7 @@ class DeviceGrid(Grid):
         self.hooks: list[Hook] = []
         self.request_hooks: list[Callable[[Message], Message]] = []  # a lying server, on the wire
         self.sent: list[Message] = []
+        self.silent: set[int] = set()  # nodes Flower lists that never answer (died without a word)
 
     def set_run(self, run_id: int) -> None:  # pragma: no cover - not used by the loop
         raise NotImplementedError
@@ -58,7 +59,7 @@ class DeviceGrid(Grid):
         raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
+        return list(self.contexts) + sorted(self.silent)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -73,6 +74,9 @@ class DeviceGrid(Grid):
         for mid in list(message_ids):
             msg = self.pending.pop(mid, None)
             if msg is None:
+                continue
+            if msg.metadata.dst_node_id in self.silent:
+                self.pending[mid] = msg  # never answered
                 continue
             delivered = msg
             for rewrite in self.request_hooks:
@@ -196,6 +200,25 @@ def test_survivors_between_one_and_the_threshold_abort_and_the_next_round_runs(
     assert "sensor update aborted, global sensor model unchanged: 4 devices sent masked vectors" in text
     grid.hooks.clear()
     assert fed.train_round(2).participants == {"sensor": 10} and not _unchanged(fed, before)
+
+
+def test_a_late_node_checks_in_at_the_next_round_and_a_silent_one_is_asked_once(
+    app: Any, tmp_path: Path, cache_dir: Path, log_lines: LogLines
+) -> None:
+    """A node that connects after the start's check-in (slow to boot, or restarted under a new id)
+    is asked who it is when the next round picks its devices, and is drawn from then on; a node
+    Flower lists that never answers is asked once, not every round (each ask waits the timeout)."""
+    fed, grid = _federation(app, tmp_path, cache_dir, **{"round-timeout": 2.0})
+    late = 5003
+    client = fed.registry.nodes.pop(late).data_client  # as if it had connected after the start
+    grid.silent = {7777}
+    assert late in fed.candidates(1) and 7777 not in fed.candidates(1)
+    assert fed.registry.nodes[late].data_client == client
+    assert late in sample(fed.registry, {"sensor": 10}, 0, 1)
+    fed.candidates(2)
+    asked = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "query"]
+    assert asked.count(7777) == 1 and asked.count(late) == 2  # (the start's check-in, then once)
+    assert "1 node(s) never answered check-in within 2 s: [7777]" in log_lines.text()
 
 
 def test_a_lost_node_is_charged_to_the_node_not_to_the_superlink_that_answers_for_it(
