@@ -88,8 +88,15 @@ def scenario_argument(scenario: str) -> str:
     return str(Path(scenario).resolve()) if scenario.endswith(".toml") else scenario
 
 
-def default_out(scenario: str, out: Path | None) -> Path:
-    """`--out`, or results/<scenario>/<timestamp> under the working directory; absolute."""
+def default_out(scenario: str, out: Path | None, sets: dict[str, object] | None = None) -> Path:
+    """`--out` (or `--set out-dir=DIR`, the same setting), or results/<scenario>/<timestamp>
+    under the working directory; absolute."""
+    given = (sets or {}).get("out-dir")
+    if given not in (None, ""):
+        named = Path(str(given)).resolve()
+        if out is not None and out.resolve() != named:
+            raise FedgeError(f"--out {out} and --set out-dir={given} name two output folders: give one")
+        out = named
     return (out or Path("results") / scenario / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
 
 
@@ -104,7 +111,8 @@ def run_config_for(
     from federation.config import ConfigSource, RunConfig
     from simulations.overrides import fused_run_config
 
-    config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
+    # the output folder last: `--set out-dir` is folded into `out` by `default_out`
+    config: dict[str, object] = {"scenario": scenario, "seed": seed, **sets, "out-dir": str(out)}
     if rounds:
         config["num-rounds"] = rounds
     source = ConfigSource(flag="--set", given=frozenset(sets))
@@ -128,7 +136,7 @@ def simulate_scenario(
     started = time.monotonic()
     scenario = scenario_argument(scenario)
     spec = get_scenario(scenario)
-    out = default_out(spec.name, out)
+    out = default_out(spec.name, out, sets)
     config, run = run_config_for(scenario, rounds, seed, out, sets)  # validated before anything starts
     total = run.rounds
     if run.initial_checkpoint:
@@ -217,7 +225,7 @@ def simulate(
         from simulations.runner import toml_value
 
         scenario = scenario_argument(scenario)
-        out = default_out(get_scenario(scenario).name, out)
+        out = default_out(get_scenario(scenario).name, out, sets)
         config, _ = run_config_for(scenario, rounds, seed, out, sets)
         for key, value in fused_run_config(config).items():  # type: ignore[arg-type]
             print(f"{key} = {toml_value(value)}")
@@ -313,7 +321,8 @@ def deploy_local_cmd(
 
     out = (out or Path("results") / f"{scenario}-deploy" / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     sets = _parse_sets(set_ or [])
-    config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
+    # the output folder last: `--set out-dir` is folded into `out` by `default_out`
+    config: dict[str, object] = {"scenario": scenario, "seed": seed, **sets, "out-dir": str(out)}
     config.setdefault("device-clock", False)  # real nodes: availability is theirs, not simulated
     if rounds:
         config["num-rounds"] = rounds
@@ -446,7 +455,8 @@ def _run_deployed(
     from simulations.overrides import fused_run_config
 
     assert isinstance(state, DeploymentState)
-    config: dict[str, object] = {"scenario": scenario, "seed": seed, "out-dir": str(out), **sets}
+    # the output folder last: `--set out-dir` is folded into `out` by `default_out`
+    config: dict[str, object] = {"scenario": scenario, "seed": seed, **sets, "out-dir": str(out)}
     config.setdefault("device-clock", False)  # real nodes: availability is theirs, not simulated
     if rounds:
         config["num-rounds"] = rounds

@@ -28,3 +28,22 @@ def test_simulate_defaults_come_from_pyproject() -> None:
         assert isinstance(expr, ast.Call) and ast.unparse(expr) == f"run_default({key!r})", ast.unparse(expr)
         assert inspect.signature(cli.simulate).parameters[option].default == run_default(key)
     assert ast.unparse(_defaults("deploy_local_cmd")["seed"]) == "run_default('seed')"
+
+
+def test_set_out_dir_is_the_output_folder_and_a_second_one_is_refused(tmp_path: Path) -> None:
+    """`--set out-dir=DIR` names the folder `--out` does: the CLI watches, and reports from, the
+    folder the server writes (it once watched its own default and called a finished run failed)."""
+    import pytest
+
+    from federation.errors import FedgeError
+    from simulations.cli import default_out, run_config_for
+
+    chosen = default_out("smoke", None, {"out-dir": str(tmp_path / "mine")})
+    assert chosen == (tmp_path / "mine").resolve()
+    config, run = run_config_for("smoke", None, 0, chosen, {"out-dir": "elsewhere"})
+    assert config["out-dir"] == run.out_dir == str(chosen)
+    same = {"out-dir": str(tmp_path / "a")}
+    assert default_out("smoke", tmp_path / "a", same) == (tmp_path / "a").resolve()
+    with pytest.raises(FedgeError, match="name two output folders"):
+        default_out("smoke", tmp_path / "a", {"out-dir": str(tmp_path / "b")})
+    assert default_out("smoke", None, {}).parent.name == "smoke"  # results/smoke/<timestamp>
