@@ -159,8 +159,8 @@ class RunConfig:
 
     def train_for(self, device_class: str) -> TrainSettings:
         """Local work of one device class: the scenario's steps unless local-steps is set, and
-        the scenario's local optimizer, lr and head lr for the class where it names them (else
-        the run's local-optimizer, lr and head-lr)."""
+        the scenario's local optimizer, lr, head lr and lr-final for the class where it names
+        them (else the run's local-optimizer, lr, head-lr and lr-final)."""
         scenario = self.scenario
         return replace(
             self.train,
@@ -168,6 +168,7 @@ class RunConfig:
             optimizer=scenario.optimizer.get(device_class, self.train.optimizer),
             lr=scenario.lr.get(device_class, self.train.lr),
             head_lr=scenario.head_lr.get(device_class, self.train.head_lr),
+            lr_final=scenario.lr_final.get(device_class, self.train.lr_final),
         )
 
     @classmethod
@@ -207,6 +208,7 @@ class RunConfig:
                 private_l2=_get(cfg, "private-l2", float, "positive"),
                 absent_class_scale=_get(cfg, "absent-class-scale", float, "nonneg"),
                 optimizer=local_optimizer,
+                lr_final=_get(cfg, "lr-final", float, "positive"),
             )
         except ValueError as exc:
             raise FedgeError(f"run config: {exc}") from None

@@ -26,6 +26,7 @@ import torch
 
 from federation.config import RunConfig
 from federation.fleet import Device
+from federation.lr_schedule import round_factor
 from federation.model.edge import TaskModel, cached_task_model
 from federation.rules.base import Rule, is_a_key, is_b_key, is_residual_key
 from federation.tasks import get_task
@@ -52,18 +53,27 @@ def task_model(run: RunConfig, task: str, rank: int | None = None) -> TaskModel:
     return cached_task_model(task, run.lora, run.seed, rank, run)
 
 
-def device_settings(run: RunConfig, device: Device, data: Any = None) -> TrainSettings:
+def device_settings(
+    run: RunConfig, device: Device, data: Any = None, server_round: int | None = None
+) -> TrainSettings:
     """The round's local work on this device: the scenario's steps, the batch its tier's memory
     budget allows (capped by the run's batch-size). Its weight in the aggregate follows. For a
     class the scenario trains by local epochs, the steps its `data` holds (`epoch_steps`, up to
-    the class's steps); without `data`, that bound."""
+    the class's steps); without `data`, that bound. In round `server_round` the class's learning
+    rates are that round's point of its decay over the run (`lr_schedule.round_factor`),
+    constant over the round's steps; without a round (one call that trains alone, as the
+    local-only reference does), they decay over the call's steps."""
     settings = run.train_for(device.device_class)
     batch = min(settings.batch_size, device.batch_size)
     epochs = run.scenario.local_epochs.get(device.device_class)
     steps = settings.steps
     if epochs is not None and data is not None:
         steps = epoch_steps(epochs, get_task(device.task).train_size(data), batch, settings.steps)
-    return replace(settings, batch_size=batch, steps=steps)
+    settings = replace(settings, batch_size=batch, steps=steps)
+    if server_round is not None and settings.lr_final < 1.0:
+        factor = round_factor(server_round, run.rounds, settings.lr_final)
+        settings = replace(settings, lr=settings.lr * factor, head_lr=settings.head_lr * factor, lr_final=1.0)
+    return settings
 
 
 def training_rank(run: RunConfig, device: Device) -> int:
@@ -111,7 +121,8 @@ def local_train(
     start = starting_state(rule, shared, kept)
     model.load_shared_state(start)
     seed = round_seed(run.seed, device.data_client, server_round)
-    settings = device_settings(run, device, data)
+    # round 0 is no round of a run: a device trained alone (the local-only reference)
+    settings = device_settings(run, device, data, server_round if server_round >= 1 else None)
     # Dropout (MiniLM's) draws from torch's global RNG, which each process seeds on its own: seed
     # it from (run seed, device, round) so a round trains alike in any process, e.g. after a resume.
     torch.manual_seed(seed)

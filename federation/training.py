@@ -22,6 +22,7 @@ from torch import nn
 
 from federation.data.common import stable_seed
 from federation.defaults import run_default
+from federation.lr_schedule import check_final, step_factor
 from federation.model.edge import TaskModel
 from federation.optimizers import LOCAL_OPTIMIZERS, check_optimizer
 
@@ -44,6 +45,11 @@ class TrainSettings:
     absent_class_scale: float = field(default_factory=lambda: run_default("absent-class-scale"))
     # what the steps update the LoRA matrices and heads with (federation.optimizers)
     optimizer: str = field(default_factory=lambda: run_default("local-optimizer"))
+    # `lr` and `head_lr` fall by cosine to this fraction of themselves over the training these
+    # settings describe (federation.lr_schedule): over a run's rounds as a class's setting
+    # (`RunConfig.train_for`), over one call's steps here (a device's round is one value of the
+    # run's curve, `federation.local.device_settings`, and trains at a constant rate: 1)
+    lr_final: float = field(default_factory=lambda: run_default("lr-final"))
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -56,6 +62,8 @@ class TrainSettings:
             raise ValueError(f"absent-class-scale must be in [0, 1], got {self.absent_class_scale}")
         if (why := check_optimizer(self.optimizer)) is not None:
             raise ValueError(f"local-optimizer {why}")
+        if (why := check_final(self.lr_final)) is not None:
+            raise ValueError(f"lr-final {why}")
 
 
 @dataclass(frozen=True)
@@ -109,9 +117,16 @@ def train_steps(
     `start`: when the device's work began (perf_counter), if before this loop."""
     start = time.perf_counter() if start is None else start
     model.train()
-    optimizers = [*_optimizers(model, settings), *extra_optimizers]
+    scheduled = _optimizers(model, settings)
+    optimizers = [*scheduled, *extra_optimizers]
+    base = [[group["lr"] for group in opt.param_groups] for opt in scheduled]
     losses, seen = [], 0
-    for idx in _batches(n, settings, seed):
+    for step, idx in enumerate(_batches(n, settings, seed)):
+        if settings.lr_final < 1.0:  # the LoRA matrices' and heads' rates only (not a private part's)
+            factor = step_factor(step, settings.steps, settings.lr_final)
+            for opt, rates in zip(scheduled, base, strict=True):
+                for group, lr in zip(opt.param_groups, rates, strict=True):
+                    group["lr"] = lr * factor
         loss = batch_loss(idx)
         _step(optimizers, loss)
         losses.append(loss.item())

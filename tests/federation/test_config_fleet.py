@@ -41,7 +41,8 @@ def test_pyproject_run_config_parses_to_the_documented_defaults() -> None:
     assert run.rounds == run.scenario.rounds == 12  # 0 means: the scenario's
     assert run.local_steps == 0  # 0 means: the scenario's, per device class
     # the TV's 20: the most steps a TV takes, training 0.35 epochs of its ratings
-    assert [run.train_for(c).steps for c in ("phone", "tv", "sensor")] == [10, 20, 30]
+    assert [run.train_for(c).steps for c in ("phone", "tv", "sensor")] == [10, 20, 60]
+    assert run.scenario.lr_final == {"sensor": 0.2}
     assert run.scenario.local_epochs == {"tv": 0.35}
     assert RunConfig.parse({"local-steps": 3}).train_for("sensor").steps == 3
     assert (run.lora.rank, run.lora.alpha, run.lora.targets) == (8, 16, ("query", "value"))

@@ -154,10 +154,10 @@ def test_a_reference_for_a_runs_device_rounds_scales_the_plan_to_them() -> None:
     run = RunConfig.parse({"scenario": "smart-home"})
     devices = task_devices(run, "sensor")
     (planned,) = task_examples(run, "sensor", devices).values()
-    # 12 rounds x 8 watches x 30 steps x the watches' mean batch (16 on high, 8 on low: 12)
-    assert planned == 12 * 8 * 30 * 12
+    # 12 rounds x 8 watches x 60 steps x the watches' mean batch (16 on high, 8 on low: 12)
+    assert planned == 12 * 8 * 60 * 12
     (trained,) = task_examples(run, "sensor", devices, device_rounds=45).values()
-    assert trained == round(planned * 45 / 96) == 16_200
+    assert trained == round(planned * 45 / 96) == 32_400
     with pytest.raises(FedgeError, match="97 trained device-rounds, the plan has 96"):
         task_examples(run, "sensor", devices, device_rounds=97)
     # a task the run never aggregated: no one-step stand-in for a reference
@@ -171,9 +171,9 @@ def test_the_centralized_reference_trains_on_the_runs_examples_when_given() -> N
     run = RunConfig.parse({"scenario": "smart-home", "num-rounds": 1})
     planned = centralized(run, "sensor")
     trained = centralized(run, "sensor", device_rounds=3)  # 3 of the round's 8 planned watches
-    assert planned.steps == {"pooled": centralized_steps(1 * 8 * 30 * 12, 16)} == {"pooled": 180}
-    assert trained.steps == {"pooled": centralized_steps(3 * 30 * 12, 16)} == {"pooled": 68}
-    assert trained.examples == 68 * 16 and trained.eval["accuracy"] > 0
+    assert planned.steps == {"pooled": centralized_steps(1 * 8 * 60 * 12, 16)} == {"pooled": 360}
+    assert trained.steps == {"pooled": centralized_steps(3 * 60 * 12, 16)} == {"pooled": 135}
+    assert trained.examples == 135 * 16 and trained.eval["accuracy"] > 0
 
 
 def test_reading_a_runs_device_rounds_refuses_a_missing_or_unfinished_run(tmp_path: Path) -> None:
