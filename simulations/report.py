@@ -345,6 +345,12 @@ def _label(cell: Mapping[str, Any]) -> str:
     return str(cell.get("method")) + (f" [{setting}]" if setting and setting != "default" else "")
 
 
+def _plot_name(scenario: str) -> str:
+    """A plot's file name part for a scenario: its name, or a scenario file's stem (a path's
+    slashes would name folders that do not exist)."""
+    return Path(scenario).stem if scenario.endswith(".toml") else scenario
+
+
 def _save(fig: Any, path: Path) -> Path:
     """Write a matplotlib figure to `path` and free it."""
     import matplotlib.pyplot as plt
@@ -410,7 +416,7 @@ def plot(
             ax.set_ylabel(f"held-out {col.metric}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=6)
-        written.append(_save(fig, directory / f"curves-{scenario}.png"))
+        written.append(_save(fig, directory / f"curves-{_plot_name(scenario)}.png"))
 
         fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.4), squeeze=False)
         for ax, col in zip(axes[0], cols, strict=True):
@@ -426,5 +432,5 @@ def plot(
             ax.set_ylabel(f"final held-out {col.metric}")
             ax.set_title(f"{col.name}", fontsize=9)
             ax.grid(alpha=0.3)
-        written.append(_save(fig, directory / f"upload-{scenario}.png"))
+        written.append(_save(fig, directory / f"upload-{_plot_name(scenario)}.png"))
     return written

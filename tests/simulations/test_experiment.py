@@ -270,7 +270,13 @@ def test_finished_cells_are_skipped_and_interrupted_ones_rerun(tmp_path: Path) -
 
 
 def _cell(
-    root: Path, name: str, method: str, seed: int, lines: list[dict[str, Any]], kind: str = "run"
+    root: Path,
+    name: str,
+    method: str,
+    seed: int,
+    lines: list[dict[str, Any]],
+    kind: str = "run",
+    scenario: str = "s",
 ) -> None:
     cell_dir = root / "cells" / name
     cell_dir.mkdir(parents=True)
@@ -282,7 +288,7 @@ def _cell(
         "id": name,
         "kind": kind,
         "method": method,
-        "scenario": "s",
+        "scenario": scenario,
         "setting": "default",
         "seed": seed,
         "order": len(list((root / "cells").iterdir())),
@@ -352,6 +358,15 @@ def test_report_table_is_mean_and_std_over_seeds(tmp_path: Path) -> None:
     csv_text = (tmp_path / "results.csv").read_text()
     assert "phone top1 mean" in csv_text and "0.2," in csv_text
     assert (tmp_path / "plots" / "curves-s.png").is_file() and (tmp_path / "plots" / "upload-s.png").is_file()
+
+
+def test_a_scenario_files_plots_are_named_by_its_stem(tmp_path: Path) -> None:
+    # an experiment over a scenario file (`scenarios = ["experiments/scenarios/watches.toml"]`):
+    # its path's folders are no part of a plot's file name
+    lines = _run_lines(0.10, 0.55, 0.70, 1_000_000, None)
+    _cell(tmp_path, "a0", "rule-a", 0, lines, scenario="dir/sub/w.toml")
+    build_report(tmp_path)
+    assert (tmp_path / "plots" / "curves-w.png").is_file() and (tmp_path / "plots" / "upload-w.png").is_file()
 
 
 def test_report_carries_the_pretrained_start_and_the_runs_simple_baselines(tmp_path: Path) -> None:
