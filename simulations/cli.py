@@ -302,6 +302,12 @@ def pretrain_imu(seed: int = 0, epochs: int = 30) -> None:
     console.print(f"wrote {ENCODER_FILE}: {report}")
 
 
+COLD_HELP = (
+    "Flower's own SuperExec: a fresh flwr-clientapp process per message (default: each SuperNode's "
+    "tasks run in forks of fedge's warm executor, which imported Flower's runtime and the model code once)"
+)
+
+
 @app.command("deploy-local")
 def deploy_local_cmd(
     scenario: Annotated[str, typer.Option(help="named scenario: one SuperNode per device")] = "smoke",
@@ -311,6 +317,9 @@ def deploy_local_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help=SET_HELP)] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="no TLS, no node authentication (loopback trials only)")
+    ] = False,
+    cold: Annotated[
+        bool, typer.Option("--cold", help=COLD_HELP)
     ] = False,
 ) -> None:
     """Run a scenario on a real SuperLink + SuperNodes on 127.0.0.1 (TLS + node authentication),
@@ -337,7 +346,7 @@ def deploy_local_cmd(
         from simulations.deploy import INSECURE_WARNING
 
         _deploy_say(f"WARNING: {INSECURE_WARNING}")
-    code = deploy_local(config, on_line=on_line, log_dir=out / "logs", insecure=insecure)
+    code = deploy_local(config, on_line=on_line, log_dir=out / "logs", insecure=insecure, cold=cold)
     summary = out / "summary.json"
     if code != 0 or not summary.exists():
         raise FedgeError(f"deployment run failed (exit {code}): see {out / 'logs'}")
@@ -405,11 +414,14 @@ def deploy_up(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="no TLS, no node authentication (loopback trials only)")
     ] = False,
+    cold: Annotated[
+        bool, typer.Option("--cold", help=COLD_HELP)
+    ] = False,
 ) -> None:
     """Start a SuperLink (TLS + node authentication) and one registered SuperNode per device."""
     from simulations.deploy import up
 
-    state = up(scenario_argument(scenario), directory, insecure=insecure, on_line=_deploy_say)
+    state = up(scenario_argument(scenario), directory, insecure=insecure, on_line=_deploy_say, cold=cold)
     console.print(f"deployment up in {state.directory}: `fedge deploy run`, then `fedge deploy down`")
 
 

@@ -17,10 +17,12 @@ Secure aggregation runs with certified device keys: `up` issues each device's si
 the deployment's CA (`devices/<name>.key|.cert`), each SuperNode's node config names it
 (`secagg-device-name`, `secagg-credentials`), and `run` sets `secagg-pki` to the CA's folder.
 
-Cost note: Flower 1.42's SuperNode starts a fresh `flwr-clientapp` process per message (there is
-no supported long-lived ClientApp process), so every exchange pays a process start and Flower's
-polling; only the exchanges that train or evaluate also import torch/transformers/peft
-(docs/deployment.md, "Where a deployed exchange's seconds go"). Simulation keeps its actors warm.
+Cost note: Flower 1.42's SuperNode runs each message in its own ClientApp process and polls its
+SuperLink every 3 s when idle. By default each SuperNode here runs `--isolation process` beside
+fedge's warm executor (clients/warm_executor.py: each task in a fork of a process that imported
+Flower's runtime and the model code once, sharing the node's SuperExec secret); `cold` runs
+Flower's own SuperExec, a fresh `flwr-clientapp` per message (docs/deployment.md, "Where a
+deployed exchange's seconds go"). Simulation keeps its actors warm.
 """
 
 from __future__ import annotations
@@ -118,6 +120,10 @@ class DeploymentState:
     pids: dict[str, int] = field(default_factory=dict)  # process name -> PID
     nodes: list[dict[str, str]] = field(default_factory=list)
     exchange_log: str = ""  # a file every ClientApp process appends its exchange's timing to (or "")
+    # each SuperNode runs its ClientApp tasks through fedge's warm executor (`--isolation
+    # process` + clients/warm_executor.py) rather than a fresh `flwr-clientapp` per message
+    warm: bool = True
+    runtime_ports: dict[str, int] = field(default_factory=dict)  # node name -> its Runtime API port
 
     @property
     def path(self) -> Path:
@@ -212,6 +218,17 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+def superexec_secret(state: DeploymentState) -> Path:
+    """`<directory>/superexec.secret`: 32 random bytes (mode 0600) a node's SuperNode and its warm
+    executor share, made once per deployment folder."""
+    path = Path(state.directory) / "superexec.secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(32))
+    return path
+
+
 def start_supernode(
     state: DeploymentState,
     name: str,
@@ -225,17 +242,32 @@ def start_supernode(
     security (its CA, `keys/<name>`); tests pass other keys, CAs, `keyless` or `insecure` to play
     intruders."""
     plain = state.insecure if insecure is None else insecure
+    runtime_port = free_port()  # the SuperNode's Runtime API, where its ClientApp tasks are fetched
     args = [_bin("flower-supernode"), "--superlink", f"127.0.0.1:{state.port}",
-            "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", node_config]  # fmt: skip
+            "--host", "127.0.0.1", "--port", str(runtime_port), "--node-config", node_config]  # fmt: skip
     if plain:
         args.append("--insecure")
     else:
         args += ["--root-certificates", str(root_certificates or state.certs.ca_cert)]
         if not keyless:
             args += ["--auth-supernode-private-key", str(key or state.keys / name)]
+    if state.warm:
+        # Only a holder of the deployment's SuperExec secret may take this node's tasks (each
+        # carries the device's message and context) from its Runtime API.
+        args += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret(state))]
     proc = _popen(state, f"supernode-{name}", args)
     state.pids[f"supernode-{name}"] = proc.pid
+    state.runtime_ports[name] = runtime_port
     state.save()
+    if state.warm:
+        # The SuperNode serves its Runtime API on loopback; the executor asks it for tasks and
+        # dies with it (--parent-pid). Its own process group, so `down` stops it and its tasks.
+        executor = _popen(state, f"executor-{name}", [
+            sys.executable, "-m", "clients.warm_executor", "--runtime-api-address",
+            f"127.0.0.1:{runtime_port}", "--insecure", "--parent-pid", str(proc.pid),
+            "--superexec-auth-secret-file", str(superexec_secret(state))])  # fmt: skip
+        state.pids[f"executor-{name}"] = executor.pid
+        state.save()
     return proc
 
 
@@ -258,8 +290,11 @@ def up(
     insecure: bool = False,
     on_line: Callable[[str], None] | None = None,
     exchange_log: str | Path | None = None,
+    cold: bool = False,
 ) -> DeploymentState:
-    """Start a SuperLink and one SuperNode per device of `scenario`; leave them running.
+    """Start a SuperLink and one SuperNode per device of `scenario`; leave them running. Each
+    SuperNode runs its tasks through fedge's warm executor (clients/warm_executor.py), or with
+    `cold` through Flower's own SuperExec (a fresh `flwr-clientapp` process per message).
 
     Credentials in `<directory>/certs` and `<directory>/keys` are made if missing and reused
     otherwise (never overwritten). A failure stops whatever this call had started."""
@@ -271,7 +306,7 @@ def up(
             raise FedgeError(f"a deployment is already up in {root}: `fedge deploy down --dir {root}` first")
     specs = node_specs(scenario)
     root.mkdir(parents=True, exist_ok=True)
-    state = DeploymentState(str(root), scenario, free_port(), insecure, secrets.token_hex(8))
+    state = DeploymentState(str(root), scenario, free_port(), insecure, secrets.token_hex(8), warm=not cold)
     if exchange_log:
         state.exchange_log = str(Path(exchange_log).resolve())
     state.nodes = [asdict(s) for s in specs]
@@ -343,6 +378,7 @@ def down(state: DeploymentState, grace_s: float = 10.0) -> int:
     for proc in alive:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(alive, timeout=grace_s)  # gone (or reaped) before the sweep and the return
     stopped = len(groups) + stop_processes(state.token)
     state.pids = {}
     if state.path.parent.exists():
@@ -393,6 +429,7 @@ def deploy_local(
     log_dir: Path | None = None,
     timeout_s: float = 1800.0,
     insecure: bool = False,
+    cold: bool = False,
 ) -> int:
     """`up` in a temporary folder, `run` the app on it, `down`: one command, nothing left."""
     scenario = str(run_config.get("scenario", "smart-home"))
@@ -400,7 +437,7 @@ def deploy_local(
     state: DeploymentState | None = None
     started = time.monotonic()
     try:
-        state = up(scenario, workdir, insecure=insecure, on_line=on_line)
+        state = up(scenario, workdir, insecure=insecure, on_line=on_line, cold=cold)
         left = max(1.0, timeout_s - (time.monotonic() - started))
         return run(state, run_config, on_line=on_line, timeout_s=left)
     finally:

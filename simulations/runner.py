@@ -143,6 +143,9 @@ def stop_processes(token: str, grace_s: float = 5.0) -> int:
     for proc in late:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
+    # and wait for them: a process killed with torch loaded takes a moment to release its memory,
+    # and whoever called this expects it gone on return
+    psutil.wait_procs(late, timeout=grace_s)
     return len(procs) + len(late)
 
 

@@ -134,7 +134,8 @@ class RunProcesses:
         """Processes of the run still running (checked after the run returned)."""
         alive = {p.pid: p for p in self.seen.values() if _alive(p)}
         alive.update({p.pid: p for p in self.current()})
-        return [f"{p.pid} {_name(p)}" for p in alive.values()]
+        # the command as first seen too: a process being torn down may show no command line
+        return [f"{p.pid} {_name(p)} ({self.names.get(p.pid, '?')}; {_status(p)})" for p in alive.values()]
 
     def non_loopback(self) -> list[SocketUse]:
         return sorted((s for s in self.sockets if not _is_loopback(s.ip)), key=str)
@@ -173,6 +174,13 @@ def _alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def _status(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.status()}, parent {proc.ppid()}"
+    except psutil.Error:
+        return "gone"
 
 
 def _name(proc: psutil.Process) -> str:

@@ -1,7 +1,7 @@
 """Every device class on Flower's deployment engine with TLS, node authentication and secure
 aggregation: phones, TVs and watches as registered SuperNodes on 127.0.0.1, two secure rounds,
-held-out metrics of every task logged. Slow (each exchange is a fresh ClientApp process per node,
-importing torch; six nodes on two cores): `-m slow`.
+held-out metrics of every task logged. Slow (each exchange a ClientApp process per node, forked by
+its warm executor; six nodes with MiniLM and IMU models on two cores): `-m slow`.
 
 Two devices per class, not one: a secure sum of a single device is that device's update, so
 fedge's secure aggregation needs at least two devices of a task per round (`secagg-min-devices`,

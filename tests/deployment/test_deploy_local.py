@@ -6,8 +6,8 @@ and node authentication, and intruders that must be refused.
 `flower-supernode` per device (each with `--node-config "device-class='sensor' partition-id=N
 tier='low'"`, as a real node would say who it is); `run` runs the app with `flwr run`; `down` stops
 every process by PID. A round here is secure aggregation's exchanges (with certified device keys,
-issued by `up` from the deployment's CA), each a fresh ClientApp process per node (Flower's
-default isolation), so the scenario is three watches and one round.
+issued by `up` from the deployment's CA), each a ClientApp process per node (forked by the
+node's warm executor), so the scenario is three watches and one round.
 
 While the run goes, three intruders try to join, each as a watch:
 - a node whose key was never registered, and a node with no key at all;
@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,16 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, run_processes: Any) -> 
     with run_processes(deadline_s=DEADLINE_S + 120) as procs:
         state = up("deploy-check", root / "deployment")
         try:
+            runtime_api = f"127.0.0.1:{state.runtime_ports['sensor-0']}"
+            secret = (Path(state.directory) / "superexec.secret").read_bytes()
+            task_thieves = {"no secret": _acquire_task(runtime_api, None),
+                            "a wrong secret": _acquire_task(runtime_api, b"guessed"),
+                            "the secret": _acquire_task(runtime_api, secret)}  # fmt: skip
+            (root / "guessed.secret").write_bytes(b"guessed")
+            impostor = subprocess.run(
+                [sys.executable, "-m", "clients.warm_executor", "--runtime-api-address", runtime_api,
+                 "--insecure", "--superexec-auth-secret-file", str(root / "guessed.secret")],
+                capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2])  # fmt: skip
             other_ca = init_certificates(root / "other-ca")
             node_key(root / "unregistered")
             node_key(root / "registered")
@@ -74,6 +85,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, run_processes: Any) -> 
             exits = {name: proc.poll() for name, proc in intruders.items()}
             logs = {name: (state.logs / f"supernode-{name}.log").read_text() for name in intruders}
             legit_logs = [(state.logs / f"supernode-sensor-{i}.log").read_text() for i in range(3)]
+            executor_logs = [(state.logs / f"executor-sensor-{i}.log").read_text() for i in range(3)]
         finally:
             down(state)
         for proc in intruders.values():
@@ -81,7 +93,48 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, run_processes: Any) -> 
     assert not procs.timed_out, "the deployment hung past its deadline"
     assert code == 0, "\n".join(lines[-30:])
     return {"out": out, "procs": procs, "exits": exits, "logs": logs, "legit_logs": legit_logs,
-            "lines": lines, "root": root / "deployment"}  # fmt: skip
+            "lines": lines, "root": root / "deployment", "executor_logs": executor_logs,
+            "task_thieves": task_thieves, "impostor": impostor}  # fmt: skip
+
+
+def _acquire_task(runtime_api: str, secret: bytes | None) -> str:
+    """Ask a SuperNode's Runtime API for a task as a SuperExec would (Flower's own client), with
+    `secret` or none; one try. "no task" or the HTTP error it got."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+    from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if secret is not None:
+        interceptors.append(
+            SuperExecAuthHttpInterceptor(
+                master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})
+            )
+        )
+    once = RetryInvoker(
+        wait_gen_factory=exponential,
+        recoverable_exceptions=(httpx.HTTPStatusError,),
+        max_tries=1,
+        max_time=None,
+        should_giveup=lambda _exc: True,
+    )
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api,
+        insecure=True,
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=once,
+    )
+    try:
+        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        return "a task" if res.HasField("task") else "no task"
+    except httpx.HTTPStatusError as exc:
+        return f"HTTP {exc.response.status_code}"
+    finally:
+        client.close()
 
 
 def test_a_secure_round_over_tls_and_node_auth_completes_and_learns(deployment: dict[str, Any]) -> None:
@@ -92,6 +145,33 @@ def test_a_secure_round_over_tls_and_node_auth_completes_and_learns(deployment: 
     # seeded run: a fresh head (~0.02) against one secure round of three watches (~0.2)
     assert rounds[1]["eval"]["sensor"]["accuracy"] > rounds[0]["eval"]["sensor"]["accuracy"]
     assert all("SuperNode ID:" in log for log in deployment["legit_logs"])
+
+
+def test_every_task_ran_in_a_fork_of_the_nodes_warm_executor(deployment: dict[str, Any]) -> None:
+    """Each SuperNode runs `--isolation process` beside fedge's warm executor: the round's tasks
+    (check-in, keys + training, mask, check, unmask) ran in forks of it, and Flower's per-message
+    `flwr-clientapp` process never started."""
+    for log in deployment["executor_logs"]:
+        assert "imported the ClientApp runtime and model code" in log, log[-1500:]
+        assert log.count("fedge warm executor: task ") >= 5, log[-1500:]
+        assert "exited with" not in log, log[-1500:]
+    names = deployment["procs"].names.values()
+    assert any("warm_executor" in name for name in names), sorted(set(names))
+    assert not any("flwr-clientapp" in name for name in names), sorted(set(names))
+
+
+def test_only_the_holder_of_the_superexec_secret_may_take_a_nodes_tasks(deployment: dict[str, Any]) -> None:
+    """A task carries the device's message and its context (its private state): a local process
+    that asks a SuperNode's Runtime API for tasks without the deployment's SuperExec secret, or
+    with a guessed one, is refused; with it, it is answered (no task was pending)."""
+    impostor = deployment["impostor"]  # fedge's own executor, started with the wrong secret
+    assert impostor.returncode != 0, impostor.stderr[-1500:]
+    assert "refused this executor's SuperExec secret" in impostor.stderr, impostor.stderr[-1500:]
+    assert deployment["task_thieves"] == {
+        "no secret": "HTTP 401",
+        "a wrong secret": "HTTP 401",
+        "the secret": "no task",
+    }
 
 
 def test_every_rounds_keys_are_signed_by_certified_device_keys(deployment: dict[str, Any]) -> None:
