@@ -77,13 +77,19 @@ def drop_app_modules(modules: dict[str, object], packages: Iterable[str] = APP_P
     return names
 
 
-def preload(names: Sequence[str] = PRELOAD) -> float:
-    """Import `names`, then drop the app's own modules again; returns the seconds it took."""
+def preload(names: Sequence[str] = PRELOAD) -> tuple[float, dict[str, str]]:
+    """Import `names`, then drop the app's own modules again; returns the seconds it took and
+    the modules that failed to import, with why. A failure costs speed, not service: the task
+    that needs the module imports it itself (and reports the error, if it still fails there)."""
     started = time.perf_counter()
+    failed: dict[str, str] = {}
     for name in names:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any import-time error of a library
+            failed[name] = f"{type(exc).__name__}: {exc}"
     drop_app_modules(sys.modules)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, failed
 
 
 def poll_interval(environ: dict[str, str] | os._Environ[str]) -> float:
@@ -176,8 +182,10 @@ def serve(
     import httpx
     from flwr.supercore import log
 
-    took = preload(preload_names)
+    took, failed = preload(preload_names)
     log(INFO, "fedge warm executor: imported the ClientApp runtime and model code in %.2f s", took)
+    for name, why in failed.items():
+        log(WARNING, "fedge warm executor: could not preload %s (%s): each task imports it itself", name, why)
 
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.app_utils import start_parent_process_monitor

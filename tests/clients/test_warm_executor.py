@@ -17,6 +17,7 @@ from clients.warm_executor import (
     Children,
     drop_app_modules,
     poll_interval,
+    preload,
     run_task_in_child,
 )
 
@@ -179,3 +180,12 @@ def test_sigterm_stops_an_executor_whose_supernode_is_gone(tmp_path: Path) -> No
             proc.kill()
             proc.wait()
             pytest.fail("the executor ignored SIGTERM while its SuperNode was gone")
+
+
+def test_a_module_that_fails_to_preload_is_reported_and_the_rest_still_load() -> None:
+    sys.modules.pop("tabnanny", None)
+    took, failed = preload(["json", "fedge_no_such_module", "tabnanny"])
+    assert took >= 0
+    assert list(failed) == ["fedge_no_such_module"]
+    assert "ModuleNotFoundError" in failed["fedge_no_such_module"]
+    assert "tabnanny" in sys.modules  # the one after the failure was still imported
