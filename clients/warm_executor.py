@@ -63,6 +63,9 @@ PRELOAD = (
 The app's own modules among them are dropped again (`drop_app_modules`); the third-party
 modules they imported stay."""
 
+ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
+"""The Runtime API call a SuperExec secret protects (as Flower's own SuperExec declares it)."""
+
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # the variable `flower-superexec` reads
 DEFAULT_POLL_S = 0.05
 
@@ -173,7 +176,6 @@ def serve(
     superexec_auth_secret: bytes | None = None,
     parent_pid: int | None = None,
     poll_s: float = DEFAULT_POLL_S,
-    preload_names: Sequence[str] = PRELOAD,
 ) -> None:
     """Serve the SuperNode at `runtime_api_address` until stopped: each ClientApp task runs in
     a fork of this (warm) process."""
@@ -182,7 +184,7 @@ def serve(
     import httpx
     from flwr.supercore import log
 
-    took, failed = preload(preload_names)
+    took, failed = preload(PRELOAD)
     log(INFO, "fedge warm executor: imported the ClientApp runtime and model code in %.2f s", took)
     for name, why in failed.items():
         log(WARNING, "fedge warm executor: could not preload %s (%s): each task imports it itself", name, why)
@@ -196,12 +198,12 @@ def serve(
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     certificates = validate_and_resolve_root_certificates(root_certificates_path, insecure)
-    interceptors: list = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
     if superexec_auth_secret:
         interceptors.append(
             SuperExecAuthHttpInterceptor(
                 master_secret=superexec_auth_secret,
-                protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}),
+                protected_methods=frozenset({ACQUIRE_TASK_METHOD}),
             )
         )
     if parent_pid is not None:

@@ -318,9 +318,7 @@ def deploy_local_cmd(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="no TLS, no node authentication (loopback trials only)")
     ] = False,
-    cold: Annotated[
-        bool, typer.Option("--cold", help=COLD_HELP)
-    ] = False,
+    cold: Annotated[bool, typer.Option("--cold", help=COLD_HELP)] = False,
 ) -> None:
     """Run a scenario on a real SuperLink + SuperNodes on 127.0.0.1 (TLS + node authentication),
     then stop them: `fedge deploy up`, `run` and `down` in one command."""
@@ -414,9 +412,7 @@ def deploy_up(
     insecure: Annotated[
         bool, typer.Option("--insecure", help="no TLS, no node authentication (loopback trials only)")
     ] = False,
-    cold: Annotated[
-        bool, typer.Option("--cold", help=COLD_HELP)
-    ] = False,
+    cold: Annotated[bool, typer.Option("--cold", help=COLD_HELP)] = False,
 ) -> None:
     """Start a SuperLink (TLS + node authentication) and one registered SuperNode per device."""
     from simulations.deploy import up

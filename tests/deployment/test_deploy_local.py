@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from clients.warm_executor import ACQUIRE_TASK_METHOD
 from federation.errors import FedgeError
 from federation.secagg import pki
 from simulations.credentials import init_certificates, node_key
@@ -111,7 +112,7 @@ def _acquire_task(runtime_api: str, secret: bytes | None) -> str:
     if secret is not None:
         interceptors.append(
             SuperExecAuthHttpInterceptor(
-                master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})
+                master_secret=secret, protected_methods=frozenset({ACQUIRE_TASK_METHOD})
             )
         )
     once = RetryInvoker(
