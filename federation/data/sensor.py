@@ -10,6 +10,13 @@ its firmware with constants measured in its lab, not on users' data). The fleet 
 
 Held-out data are whole recordings: windows of one recording overlap and share one arm, one
 session and one set of repetitions, so a window-level split would leak.
+
+Every recording is read in the right wrist's frame (`to_right_wrist`): the dataset has both
+arms, and a watch on the left wrist sees the mirror image of the same movement on the right.
+A watch knows which wrist it is worn on (a setting every smartwatch asks for), so it maps its
+own recordings before training or predicting; without it, abduction on one arm and forward
+elevation on the other look alike, and the federated model swapped those two exercises from
+round to round with the arms of the watches each round drew.
 """
 
 from __future__ import annotations
@@ -39,6 +46,15 @@ N_CHANNELS = 6
 # trapezius extension, upright row (the dataset's own `y_labels`, in label order).
 CLASS_NAMES: tuple[str, ...] = ("PEN", "ABD", "FEL", "IR", "ER", "TRAP", "ROW")
 TEST_FRACTION = 0.25
+# The dataset's `side`: 1 = right, 0 = left (seglearn's load_watch docstring).
+RIGHT_WRIST = 1
+# A left-wrist recording in the right wrist's frame: the mirror across the plane normal to the
+# watch's x axis (along the forearm) flips the accelerometer's x, a vector, and the gyroscope's
+# y and z, a pseudovector's components in the mirror plane. Measured: each exercise's mean ax
+# over a recording has opposite signs on the two arms (pendulum +1.01 / -1.08 g-units, trapezius
+# extension +1.02 / -1.04; ay and az agree), and the gyroscope's wy and wz mean signs flip
+# with it while wx agrees.
+LEFT_TO_RIGHT = np.array([-1.0, 1.0, 1.0, 1.0, -1.0, -1.0], dtype=np.float32)
 _CLIENT_ID = re.compile(r"^s(\d+)([ab])$")
 
 
@@ -107,7 +123,7 @@ def _windows(recordings: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     for r in recordings.tolist():
-        rec = (np.asarray(data["X"][r], dtype=np.float32) - mean) / std
+        rec = (_recording(data, r) - mean) / std
         n = (len(rec) - WINDOW) // STRIDE + 1 if len(rec) >= WINDOW else 0
         if n == 0:
             continue
@@ -119,10 +135,26 @@ def _windows(recordings: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
 
 
+def to_right_wrist(recording: np.ndarray, side: int) -> np.ndarray:
+    """A recording [T, 6] (ax, ay, az, wx, wy, wz) from the wrist `side` (1 right, 0 left) in
+    the right wrist's frame, as float32 (a new array)."""
+    if side not in (0, 1):
+        raise ValueError(f"wrist side must be 0 (left) or 1 (right), got {side!r}")
+    rec = np.array(recording, dtype=np.float32)
+    if rec.ndim != 2 or rec.shape[1] != N_CHANNELS:
+        raise ValueError(f"a recording is [samples, {N_CHANNELS}], got shape {rec.shape}")
+    return rec if side == RIGHT_WRIST else rec * LEFT_TO_RIGHT
+
+
+def _recording(data: dict[str, Any], r: int) -> np.ndarray:
+    """Recording `r` of the dataset in the right wrist's frame."""
+    return to_right_wrist(data["X"][r], int(data["side"][r]))
+
+
 @functools.lru_cache(maxsize=1)
 def _normalisation() -> tuple[np.ndarray, np.ndarray]:
     data = _watch()
-    lab = [data["X"][i] for i in np.flatnonzero(np.isin(data["subject"], VENDOR_LAB_SUBJECTS))]
+    lab = [_recording(data, i) for i in np.flatnonzero(np.isin(data["subject"], VENDOR_LAB_SUBJECTS))]
     samples = np.concatenate(lab).astype(np.float64)
     std = samples.std(axis=0)
     std[std < 1e-8] = 1.0  # a dead channel would otherwise divide by zero
@@ -155,4 +187,5 @@ def _read_watch(root: str) -> dict[str, Any]:
         )
     data["subject"] = np.asarray(data["subject"]).astype(np.int64)
     data["y"] = np.asarray(data["y"]).astype(np.int64)
+    data["side"] = np.asarray(data["side"]).astype(np.int64)
     return data

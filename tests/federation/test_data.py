@@ -306,7 +306,8 @@ def test_sensor_training_windows_hold_no_held_out_sample(cid: str) -> None:
     train_rec, test_rec = sensor._split_recordings(cid, 0)
 
     def samples(recordings: np.ndarray) -> set[bytes]:
-        rows = [(np.asarray(data["X"][r], dtype=np.float32) - mean) / std for r in recordings.tolist()]
+        frame = [sensor.to_right_wrist(data["X"][r], int(data["side"][r])) for r in recordings.tolist()]
+        rows = [(rec - mean) / std for rec in frame]
         return {row.tobytes() for rec in rows for row in rec}
 
     def window_samples(x: torch.Tensor) -> set[bytes]:
@@ -318,6 +319,40 @@ def test_sensor_training_windows_hold_no_held_out_sample(cid: str) -> None:
     assert not trained & held_out, f"{cid}'s training windows hold samples of its held-out recordings"
     assert trained <= own_train
     assert window_samples(client.test_x) <= held_out
+
+
+def test_a_left_wrist_recording_is_mirrored_into_the_right_wrists_frame() -> None:
+    rec = np.arange(12, dtype=np.float64).reshape(2, 6) + 1.0
+    right = sensor.to_right_wrist(rec, 1)
+    assert right.dtype == np.float32 and np.array_equal(right, rec.astype(np.float32))
+    left = sensor.to_right_wrist(rec, 0)  # ax (a vector's x) and wy, wz (a pseudovector's) flip
+    assert np.array_equal(left, rec.astype(np.float32) * np.array([-1, 1, 1, 1, -1, -1], dtype=np.float32))
+    left[0, 0] = 99.0
+    assert rec[0, 0] == 1.0  # a new array: the dataset's recordings are never changed in place
+    with pytest.raises(ValueError, match="wrist side"):
+        sensor.to_right_wrist(rec, 2)
+    with pytest.raises(ValueError, match="samples"):
+        sensor.to_right_wrist(rec[:, :5], 1)
+
+
+def test_every_exercise_reads_alike_from_both_wrists_in_the_windows() -> None:
+    """The windows every watch trains and is scored on are in one wrist's frame: per exercise, the
+    mean ax (the axis along the forearm, gravity's sign in it flips with the arm) of the fleet's
+    left-arm and right-arm windows agree in sign. Read raw, five of the seven exercises differ."""
+    data = sensor._watch()
+    fleet = np.flatnonzero(np.isin(data["subject"], sensor.FLEET_SUBJECTS))
+    raw_differ = 0
+    for exercise in range(sensor.N_CLASSES):
+        means, raw = [], []
+        for side in (0, 1):
+            recs = fleet[(data["y"][fleet] == exercise) & (data["side"][fleet] == side)]
+            x, _ = sensor._windows(recs)
+            means.append(float(x[:, 0].mean()))
+            raw.append(float(np.mean([np.asarray(data["X"][r])[:, 0].mean() for r in recs])))
+        if abs(means[0]) > 0.3 or abs(means[1]) > 0.3:  # ax that gravity sets, not noise around 0
+            assert np.sign(means[0]) == np.sign(means[1]), (sensor.CLASS_NAMES[exercise], means)
+        raw_differ += int(np.sign(raw[0]) != np.sign(raw[1]) and min(map(abs, raw)) > 0.3)
+    assert raw_differ >= 5
 
 
 def test_sensor_vendor_lab_normalisation() -> None:
